@@ -1,0 +1,15 @@
+//! Legate's HTTP filter API.
+//!
+//! A filter is an object-safe [`HttpFilter`] created once per listener configuration by a
+//! [`FilterFactory`] registered under the Envoy type URL of its `typed_config`. The proxy runs
+//! the filters of a connection manager in `http_filters` order on the request and in reverse
+//! order on the response; the chain ends with the router (`envoy.filters.http.router`), which
+//! is terminal and implemented by the proxy itself. See `docs/filters.md` for the phase chart.
+
+mod api;
+mod registry;
+mod router;
+
+pub use api::{FilterStatus, HttpFilter, LocalReply, RequestContext};
+pub use registry::{FilterConfig, FilterError, FilterFactory, FilterRegistry};
+pub use router::{RouterConfig, RouterFactory, ROUTER_TYPE_URL};

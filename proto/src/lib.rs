@@ -1,0 +1,122 @@
+//! Envoy v3 API types for Legate.
+//!
+//! The message types come from the `envoy-types` crate (re-exported as [`pb`]). This crate adds
+//! their descriptors, so that configuration written in Envoy's proto3 JSON/YAML mapping
+//! (including `typed_config` with `"@type"`) decodes exactly as Envoy decodes it, and so that
+//! resources can be printed back as JSON for `/config_dump`.
+
+use std::sync::OnceLock;
+
+pub use envoy_types::pb;
+pub use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, ReflectMessage, Value};
+
+/// Prefix of every `Any` type URL.
+pub const TYPE_URL_PREFIX: &str = "type.googleapis.com/";
+
+static DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/envoy_descriptors.bin"));
+static POOL: OnceLock<Result<DescriptorPool, String>> = OnceLock::new();
+
+/// Errors from decoding or encoding Envoy messages.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    #[error("descriptor pool: {0}")]
+    Pool(String),
+    #[error("unknown message type {0}")]
+    UnknownType(String),
+    #[error("{0}")]
+    Json(String),
+    #[error("{type_name}: {reason}")]
+    Decode { type_name: String, reason: String },
+}
+
+/// The descriptor pool of every Envoy message Legate knows.
+pub fn pool() -> Result<&'static DescriptorPool, ProtoError> {
+    POOL.get_or_init(|| DescriptorPool::decode(DESCRIPTORS).map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| ProtoError::Pool(e.clone()))
+}
+
+/// The descriptor of a message by its full name (`envoy.config.bootstrap.v3.Bootstrap`).
+pub fn descriptor(full_name: &str) -> Result<MessageDescriptor, ProtoError> {
+    pool()?
+        .get_message_by_name(full_name)
+        .ok_or_else(|| ProtoError::UnknownType(full_name.to_owned()))
+}
+
+/// Decodes a JSON value (proto3 JSON mapping) into a dynamic message of the given type.
+/// Unknown fields are errors, as in Envoy.
+pub fn dynamic_from_json(
+    full_name: &str,
+    json: &serde_json::Value,
+) -> Result<DynamicMessage, ProtoError> {
+    let desc = descriptor(full_name)?;
+    DynamicMessage::deserialize(desc, json).map_err(|e| ProtoError::Json(e.to_string()))
+}
+
+/// Decodes protobuf bytes into a dynamic message of the given type.
+pub fn dynamic_from_bytes(full_name: &str, bytes: &[u8]) -> Result<DynamicMessage, ProtoError> {
+    let desc = descriptor(full_name)?;
+    DynamicMessage::decode(desc, bytes).map_err(|e| ProtoError::Decode {
+        type_name: full_name.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// Converts a dynamic message into the generated (typed) message.
+pub fn to_typed<T: prost::Message + Default>(msg: &DynamicMessage) -> Result<T, ProtoError> {
+    T::decode(prost::Message::encode_to_vec(msg).as_slice()).map_err(|e| ProtoError::Decode {
+        type_name: msg.descriptor().full_name().to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// Renders a dynamic message in the proto3 JSON mapping (snake_case field names as Envoy's
+/// admin output uses them).
+pub fn dynamic_to_json(msg: &DynamicMessage) -> Result<serde_json::Value, ProtoError> {
+    let opts = prost_reflect::SerializeOptions::new()
+        .use_proto_field_name(true)
+        .stringify_64_bit_integers(true);
+    msg.serialize_with_options(serde_json::value::Serializer, &opts)
+        .map_err(|e| ProtoError::Json(e.to_string()))
+}
+
+/// Renders protobuf bytes of the named type as JSON.
+pub fn bytes_to_json(full_name: &str, bytes: &[u8]) -> Result<serde_json::Value, ProtoError> {
+    dynamic_to_json(&dynamic_from_bytes(full_name, bytes)?)
+}
+
+/// The message name of an `Any` type URL (`type.googleapis.com/a.b.C` → `a.b.C`).
+pub fn type_name_of(type_url: &str) -> &str {
+    type_url.rsplit('/').next().unwrap_or(type_url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bootstrap_with_typed_config_round_trips() -> Result<(), ProtoError> {
+        let json = serde_json::json!({
+            "static_resources": {"listeners": [{"name": "l", "filter_chains": [{"filters": [{
+                "name": "hcm",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": "x", "stream_idle_timeout": "5s"
+                }
+            }]}]}]}
+        });
+        let msg = dynamic_from_json("envoy.config.bootstrap.v3.Bootstrap", &json)?;
+        let typed: pb::envoy::config::bootstrap::v3::Bootstrap = to_typed(&msg)?;
+        let listeners = typed.static_resources.map(|s| s.listeners).unwrap_or_default();
+        assert_eq!(listeners.len(), 1);
+        assert_eq!(listeners[0].name, "l");
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_field_is_rejected() {
+        let json = serde_json::json!({"static_resources": {"bogus": 1}});
+        let err = dynamic_from_json("envoy.config.bootstrap.v3.Bootstrap", &json);
+        assert!(matches!(err, Err(ProtoError::Json(m)) if m.contains("bogus")));
+    }
+}
