@@ -1,1 +1,6 @@
+//! Legate's integration tests: the differential corpus against Envoy, malformed input over raw
+//! TCP, and `--mode validate`.
 
+mod malformed;
+mod scenarios;
+mod validate;

@@ -1,0 +1,170 @@
+//! Starting Envoy or Legate from a bootstrap file and learning what it bound.
+//!
+//! Both are started the same way:
+//! `BIN -c FILE --admin-address-path ADMINFILE -l warning --concurrency 1 --disable-hot-restart`.
+//! The bootstrap's admin listens on port 0; we wait (with a deadline) for the admin address
+//! file, then for `GET /ready` to answer 200, then read `GET /listeners?format=json` to map
+//! listener names to their bound addresses.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Deserialize;
+
+use crate::bins::ProxyKind;
+use crate::client::admin_get;
+use crate::process::ProcessGuard;
+
+/// How long a proxy may take to become ready.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Poll interval while waiting for readiness.
+const POLL: Duration = Duration::from_millis(25);
+
+/// A ready proxy; killed when dropped.
+#[derive(Debug)]
+pub struct Proxy {
+    pub kind: ProxyKind,
+    pub admin: SocketAddr,
+    /// Listener name → bound address.
+    pub listeners: BTreeMap<String, SocketAddr>,
+    guard: ProcessGuard,
+}
+
+impl Proxy {
+    /// The bound address of the named listener.
+    pub fn listener(&self, name: &str) -> Result<SocketAddr> {
+        self.listeners.get(name).copied().ok_or_else(|| {
+            anyhow!(
+                "{} has no listener named {name:?} (has {:?})",
+                self.kind,
+                self.listeners.keys().collect::<Vec<_>>()
+            )
+        })
+    }
+
+    /// The captured stdout/stderr so far.
+    pub fn output(&self) -> String {
+        self.guard.output()
+    }
+
+    /// Starts `kind` with the bootstrap at `config`, in `dir`, and waits until it is ready.
+    pub async fn start(kind: ProxyKind, config: &Path, dir: &Path) -> Result<Self> {
+        let bin = kind.binary()?;
+        let admin_file = dir.join(format!("{}.admin", kind.name()));
+        let _ = std::fs::remove_file(&admin_file);
+        let args: Vec<String> = vec![
+            "-c".into(),
+            config.display().to_string(),
+            "--admin-address-path".into(),
+            admin_file.display().to_string(),
+            "-l".into(),
+            "warning".into(),
+            "--concurrency".into(),
+            "1".into(),
+            "--disable-hot-restart".into(),
+        ];
+        let mut guard = ProcessGuard::spawn(kind.name(), &bin, &args, dir)?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        match wait_ready(&mut guard, &admin_file, deadline).await {
+            Ok((admin, listeners)) => Ok(Self {
+                kind,
+                admin,
+                listeners,
+                guard,
+            }),
+            Err(e) => Err(e.context(format!(
+                "{kind} ({}) did not become ready\n{}",
+                bin.display(),
+                guard.output()
+            ))),
+        }
+    }
+}
+
+async fn wait_ready(
+    guard: &mut ProcessGuard,
+    admin_file: &Path,
+    deadline: Instant,
+) -> Result<(SocketAddr, BTreeMap<String, SocketAddr>)> {
+    let admin = loop {
+        if let Some(status) = guard.exited() {
+            bail!("exited with {status} before writing the admin address");
+        }
+        if let Ok(text) = std::fs::read_to_string(admin_file) {
+            if let Ok(addr) = text.trim().parse::<SocketAddr>() {
+                break addr;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("no admin address in {} before the deadline", admin_file.display());
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    loop {
+        if let Some(status) = guard.exited() {
+            bail!("exited with {status} before /ready");
+        }
+        if let Ok((200, _)) = admin_get(admin, "/ready").await {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("GET /ready on {admin} never answered 200");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    let (status, body) = admin_get(admin, "/listeners?format=json").await?;
+    if status != 200 {
+        bail!("GET /listeners?format=json answered {status}: {body}");
+    }
+    let listeners = parse_listeners(&body)?;
+    Ok((admin, listeners))
+}
+
+#[derive(Deserialize)]
+struct ListenersDoc {
+    #[serde(default)]
+    listener_statuses: Vec<ListenerStatus>,
+}
+
+#[derive(Deserialize)]
+struct ListenerStatus {
+    name: String,
+    local_address: Address,
+}
+
+#[derive(Deserialize)]
+struct Address {
+    socket_address: SocketAddress,
+}
+
+#[derive(Deserialize)]
+struct SocketAddress {
+    address: String,
+    #[serde(default)]
+    port_value: u16,
+}
+
+/// Parses Envoy's `/listeners?format=json` into name → address.
+pub fn parse_listeners(body: &str) -> Result<BTreeMap<String, SocketAddr>> {
+    let doc: ListenersDoc =
+        serde_json::from_str(body).with_context(|| format!("parsing /listeners: {body}"))?;
+    let mut out = BTreeMap::new();
+    for l in doc.listener_statuses {
+        let ip: std::net::IpAddr = l
+            .local_address
+            .socket_address
+            .address
+            .parse()
+            .with_context(|| format!("listener {} address", l.name))?;
+        let port = l.local_address.socket_address.port_value;
+        if port == 0 {
+            bail!("listener {} reports port 0: {body}", l.name);
+        }
+        out.insert(l.name, SocketAddr::new(ip, port));
+    }
+    Ok(out)
+}
