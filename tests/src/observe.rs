@@ -93,6 +93,16 @@ fn echo_value(echo: &Echo, key: &str) -> Value {
     if let Some(name) = key.strip_prefix("header_present:") {
         return Value::Bool(echo.headers.contains_key(&name.to_ascii_lowercase()));
     }
+    if let Some((name, prefix)) = key
+        .strip_prefix("header_prefix:")
+        .and_then(|rest| rest.split_once(':'))
+    {
+        return Value::Bool(
+            echo.headers
+                .get(&name.to_ascii_lowercase())
+                .is_some_and(|v| v.starts_with(prefix)),
+        );
+    }
     match key {
         "upstream" => Value::String(echo.upstream.clone()),
         "method" => Value::String(echo.method.clone()),

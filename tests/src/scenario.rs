@@ -173,6 +173,10 @@ pub struct Expect {
     pub request_headers: BTreeMap<String, Option<String>>,
     #[serde(default)]
     pub request_headers_present: Vec<String>,
+    /// Headers the upstream received that start with the given value (for values with a
+    /// machine-dependent tail).
+    #[serde(default)]
+    pub request_headers_prefix: BTreeMap<String, String>,
     pub upstream_tls: Option<bool>,
     pub upstream_sni: Option<String>,
     /// `HTTP/1.1` or `HTTP/2.0`, as the upstream saw it.
@@ -235,6 +239,12 @@ impl Expect {
         }
         for n in &self.request_headers_present {
             put(format!("echo.header_present:{}", n.to_ascii_lowercase()), json!(true));
+        }
+        for (n, p) in &self.request_headers_prefix {
+            put(
+                format!("echo.header_prefix:{}:{p}", n.to_ascii_lowercase()),
+                json!(true),
+            );
         }
         if let Some(v) = self.upstream_tls {
             put("echo.tls".into(), json!(v));
