@@ -8,7 +8,9 @@
 use std::sync::OnceLock;
 
 pub use envoy_types::pb;
-pub use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, ReflectMessage, Value};
+pub use prost_reflect::{
+    DescriptorPool, DynamicMessage, MapKey, MessageDescriptor, ReflectMessage, Value,
+};
 
 /// Prefix of every `Any` type URL.
 pub const TYPE_URL_PREFIX: &str = "type.googleapis.com/";

@@ -1,0 +1,663 @@
+//! The HTTP connection manager: what happens to one request, from its headers to the
+//! response it gets. The connection-level part (codecs, timeouts) lives in `listener`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use legate_filters::{FilterStatus, HttpFilter, LocalReply, RequestContext, RouterConfig};
+
+use crate::accesslog::{AccessLog, Record};
+use crate::body::{Completion, ProxyBody};
+use crate::lb::hash64;
+use crate::route::{ClusterTarget, ForwardAction, HashPolicy, PathMatch, RedirectAction, Route, RouteAction, RouteTable, VirtualHost};
+use crate::server::Runtime;
+use crate::stats::HttpStats;
+
+/// `codec_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    Auto,
+    Http1,
+    Http2,
+}
+
+/// `server_header_transformation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerHeader {
+    Overwrite,
+    AppendIfAbsent,
+    PassThrough,
+}
+
+/// A validated HTTP connection manager.
+#[derive(Debug)]
+pub struct HcmConfig {
+    pub stat_prefix: String,
+    pub codec: Codec,
+    pub routes: Arc<RouteTable>,
+    pub filters: Vec<(String, Arc<dyn HttpFilter>)>,
+    pub router: RouterConfig,
+    pub stream_idle_timeout: Option<Duration>,
+    pub request_timeout: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
+    pub max_request_headers_kb: u32,
+    pub use_remote_address: bool,
+    pub xff_num_trusted_hops: u32,
+    pub skip_xff_append: bool,
+    pub generate_request_id: bool,
+    pub server_name: HeaderValue,
+    pub server_header: ServerHeader,
+    pub access_logs: Arc<[AccessLog]>,
+    pub websocket: bool,
+    pub h2_max_concurrent_streams: Option<u32>,
+    pub stats: HttpStats,
+}
+
+/// What the connection knows about itself, shared by its requests.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+    pub tls: bool,
+    pub sni: Option<String>,
+    pub peer_principals: Vec<String>,
+    pub hcm: Arc<HcmConfig>,
+    pub runtime: Arc<Runtime>,
+}
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_ENVOY_INTERNAL: HeaderName = HeaderName::from_static("x-envoy-internal");
+const X_ENVOY_EXPECTED_TIMEOUT: HeaderName = HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
+const X_ENVOY_UPSTREAM_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
+const X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// The state of one request as it moves through the manager.
+struct Stream<'a> {
+    conn: &'a ConnInfo,
+    ctx: RequestContext,
+    record: Option<Record>,
+    started: Instant,
+    flags: &'static str,
+    details: &'static str,
+    /// Filters whose request phase ran, for the response phase.
+    ran_filters: usize,
+}
+
+/// Serves one request.
+pub async fn handle(conn: Arc<ConnInfo>, req: Request<Incoming>) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+    let hcm = &conn.hcm;
+    hcm.stats.rq_total.inc();
+    hcm.stats.rq_active.inc();
+    let mut stream = Stream {
+        conn: &conn,
+        ctx: RequestContext {
+            downstream_remote: Some(conn.remote),
+            downstream_local: Some(conn.local),
+            requested_server_name: conn.sni.clone(),
+            peer_principals: conn.peer_principals.clone(),
+            ..Default::default()
+        },
+        record: None,
+        started: Instant::now(),
+        flags: "",
+        details: "",
+        ran_filters: 0,
+    };
+    let fut = stream.run(req);
+    let mut resp = match hcm.request_timeout {
+        Some(t) => match tokio::time::timeout(t, fut).await {
+            Ok(r) => r,
+            Err(_) => {
+                hcm.stats.rq_timeout.inc();
+                stream.flags = "";
+                stream.details = "request_overall_timeout";
+                stream.local(LocalReply::new(StatusCode::REQUEST_TIMEOUT, "request timeout"))
+            }
+        },
+        None => fut.await,
+    };
+    hcm.stats.rq_classes.record(resp.status().as_u16());
+    hcm.stats.rq_active.dec();
+    stream.finish(&mut resp);
+    Ok(resp)
+}
+
+fn protocol_name(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "-",
+    }
+}
+
+fn authority(req: &Request<Incoming>) -> String {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn is_internal(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_private() || v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => v6.is_loopback() || (v6.segments()[0] & 0xfe00) == 0xfc00,
+    }
+}
+
+fn request_id() -> HeaderValue {
+    let b: [u8; 16] = rand::random();
+    let mut s = String::with_capacity(36);
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            s.push('-');
+        }
+        let byte = match i {
+            6 => (byte & 0x0f) | 0x40,
+            8 => (byte & 0x3f) | 0x80,
+            _ => *byte,
+        };
+        s.push_str(&format!("{byte:02x}"));
+    }
+    HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("-"))
+}
+
+impl Stream<'_> {
+    async fn run(&mut self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+        let conn = self.conn;
+        let hcm = &conn.hcm;
+        let host = authority(&req);
+        self.edge_headers(req.headers_mut());
+        if !hcm.access_logs.is_empty() {
+            self.record = Some(Record {
+                start: Some(SystemTime::now()),
+                request_headers: req.headers().clone(),
+                method: req.method().as_str().to_owned(),
+                path: req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default(),
+                authority: host.clone(),
+                protocol: protocol_name(req.version()),
+                downstream_remote: Some(conn.remote),
+                downstream_local: Some(conn.local),
+                requested_server_name: conn.sni.clone(),
+                ..Default::default()
+            });
+        }
+
+        let table = &hcm.routes;
+        let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_owned();
+        let Some(vh) = table.virtual_host(&host) else {
+            return self.no_route();
+        };
+        let Some(route) = vh.route(&path, req.headers()) else {
+            return self.no_route();
+        };
+        self.ctx.route_name = Some(route.name.clone()).filter(|n| !n.is_empty());
+
+        let (mut parts, body) = req.into_parts();
+        for (i, (_, f)) in hcm.filters.iter().enumerate() {
+            self.ran_filters = i + 1;
+            if let FilterStatus::LocalReply(r) = f.on_request_headers(&mut self.ctx, &mut parts) {
+                return self.local(r);
+            }
+        }
+        let req = Request::from_parts(parts, body);
+
+        let resp = match &route.action {
+            RouteAction::Direct { status, body } => {
+                self.details = "direct_response";
+                let mut r = LocalReply::new(*status, body.clone().unwrap_or_default());
+                if body.is_some() {
+                    r.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+                }
+                let mut resp = self.local(r);
+                self.response_headers(route, vh, table, None, resp.headers_mut());
+                return resp;
+            }
+            RouteAction::Redirect(rd) => {
+                let mut resp = self.redirect(rd, route, &host, &path);
+                self.response_headers(route, vh, table, None, resp.headers_mut());
+                return resp;
+            }
+            RouteAction::Forward(fwd) => self.forward(fwd, route, vh, table, req, &host, &path).await,
+        };
+        resp
+    }
+
+    /// Envoy's edge handling of forwarding headers and request ids.
+    fn edge_headers(&self, h: &mut HeaderMap) {
+        let conn = self.conn;
+        let hcm = &conn.hcm;
+        let scheme = if conn.tls { "https" } else { "http" };
+        if hcm.use_remote_address {
+            h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
+            if !hcm.skip_xff_append {
+                let ip = conn.remote.ip().to_string();
+                let v = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+                    Some(prev) => format!("{prev},{ip}"),
+                    None => ip,
+                };
+                if let Ok(v) = HeaderValue::from_str(&v) {
+                    h.insert(X_FORWARDED_FOR, v);
+                }
+            }
+            if is_internal(conn.remote.ip()) && h.get(&X_FORWARDED_FOR).is_some_and(|v| !v.as_bytes().contains(&b',')) {
+                h.insert(X_ENVOY_INTERNAL, HeaderValue::from_static("true"));
+            } else {
+                h.remove(X_ENVOY_INTERNAL);
+            }
+        } else if !h.contains_key(&X_FORWARDED_PROTO) {
+            h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
+        }
+        if hcm.generate_request_id && !h.contains_key(&X_REQUEST_ID) {
+            h.insert(X_REQUEST_ID, request_id());
+        }
+    }
+
+    fn no_route(&mut self) -> Response<ProxyBody> {
+        self.conn.hcm.stats.no_route.inc();
+        self.flags = "NR";
+        self.details = "route_not_found";
+        self.local(LocalReply::new(StatusCode::NOT_FOUND, bytes::Bytes::new()))
+    }
+
+    /// A local reply, after the response phase of the filters that already ran.
+    fn local(&mut self, mut r: LocalReply) -> Response<ProxyBody> {
+        if let Some(f) = r.response_flag {
+            self.flags = f;
+        }
+        if !r.body.is_empty() && !r.headers.contains_key(header::CONTENT_TYPE) {
+            r.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        }
+        let mut resp = Response::new(ProxyBody::full(r.body));
+        *resp.status_mut() = r.status;
+        *resp.headers_mut() = r.headers;
+        self.response_filters(resp)
+    }
+
+    fn response_filters(&mut self, resp: Response<ProxyBody>) -> Response<ProxyBody> {
+        let filters = &self.conn.hcm.filters;
+        if filters.is_empty() {
+            return resp;
+        }
+        let (mut parts, body) = resp.into_parts();
+        for (_, f) in filters[..self.ran_filters].iter().rev() {
+            // A local reply from a response phase replaces the response but does not restart
+            // the response path.
+            if let FilterStatus::LocalReply(r) = f.on_response_headers(&mut self.ctx, &mut parts) {
+                let mut resp = Response::new(ProxyBody::full(r.body));
+                *resp.status_mut() = r.status;
+                *resp.headers_mut() = r.headers;
+                return resp;
+            }
+        }
+        Response::from_parts(parts, body)
+    }
+
+    fn redirect(&mut self, rd: &RedirectAction, route: &Route, host: &str, path: &str) -> Response<ProxyBody> {
+        self.details = "direct_response";
+        let orig_scheme = if self.conn.tls { "https" } else { "http" };
+        let scheme = rd.scheme.as_deref().unwrap_or(orig_scheme);
+        let (orig_host, orig_port) = split_host_port(host);
+        let mut new_host = rd.host.clone().unwrap_or_else(|| orig_host.to_owned());
+        let port = match rd.port {
+            Some(p) => Some(p.to_string()),
+            None if rd.host.is_some() && rd.host.as_deref().is_some_and(|h| h.contains(':')) => None,
+            None if rd.scheme.is_some() && scheme != orig_scheme => None,
+            None => orig_port.map(str::to_owned),
+        };
+        if let Some(p) = port {
+            let default = (scheme == "http" && p == "80") || (scheme == "https" && p == "443");
+            if !default {
+                new_host = format!("{new_host}:{p}");
+            }
+        }
+        let (p, q) = match path.find('?') {
+            Some(i) => (&path[..i], Some(&path[i..])),
+            None => (path, None),
+        };
+        let mut new_path = if let Some(np) = &rd.path {
+            np.clone()
+        } else if let Some(prefix) = &rd.prefix_rewrite {
+            let matched = matched_prefix_len(route);
+            format!("{prefix}{}", &p[matched.min(p.len())..])
+        } else if let Some((re, sub)) = &rd.regex_rewrite {
+            re.replace_all(p, sub.as_str()).into_owned()
+        } else {
+            p.to_owned()
+        };
+        if !rd.strip_query && !new_path.contains('?') {
+            if let Some(q) = q {
+                new_path.push_str(q);
+            }
+        }
+        let location = format!("{scheme}://{new_host}{new_path}");
+        let mut r = LocalReply::new(rd.status, bytes::Bytes::new());
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            r.headers.insert(header::LOCATION, v);
+        }
+        self.local(r)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        &mut self,
+        fwd: &ForwardAction,
+        route: &Route,
+        vh: &VirtualHost,
+        table: &RouteTable,
+        mut req: Request<Incoming>,
+        host: &str,
+        path: &str,
+    ) -> Response<ProxyBody> {
+        let conn = self.conn;
+        let hcm = &conn.hcm;
+        let snapshot = conn.runtime.snapshot.load();
+        let (cluster_name, weighted) = match &fwd.target {
+            ClusterTarget::Named(n) => (n.clone(), None),
+            ClusterTarget::Header(h) => (
+                req.headers().get(h).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned(),
+                None,
+            ),
+            ClusterTarget::Weighted { clusters, total } => {
+                let mut pick = rand::random::<u64>() % (*total).max(1);
+                let mut chosen = clusters.first();
+                for c in clusters {
+                    if pick < c.weight {
+                        chosen = Some(c);
+                        break;
+                    }
+                    pick -= c.weight;
+                }
+                match chosen {
+                    Some(c) => (c.name.clone(), Some(c)),
+                    None => (String::new(), None),
+                }
+            }
+        };
+        self.ctx.cluster_name = Some(cluster_name.clone());
+        if let Some(r) = &mut self.record {
+            r.upstream_cluster = Some(cluster_name.clone());
+        }
+        let Some(cluster) = snapshot.clusters.get(&cluster_name).cloned() else {
+            hcm.stats.no_cluster.inc();
+            self.flags = "NC";
+            self.details = "cluster_not_found";
+            return self.local(LocalReply::new(fwd.cluster_not_found_status, bytes::Bytes::new()));
+        };
+        drop(snapshot);
+
+        let hash = compute_hash(&fwd.hash_policy, req.headers(), conn.remote);
+        let balancer = cluster.balancer();
+        let Some(upstream_host) = balancer.pick(hash).cloned() else {
+            cluster.stats.cx_none_healthy.inc();
+            self.flags = "UH";
+            self.details = "no_healthy_upstream";
+            return self.local(LocalReply::new(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"));
+        };
+        drop(balancer);
+        if let Some(r) = &mut self.record {
+            r.upstream_host = Some(upstream_host.address);
+        }
+
+        // Rewrites.
+        let (p, q) = match path.find('?') {
+            Some(i) => (&path[..i], &path[i..]),
+            None => (path, ""),
+        };
+        let new_path = if let Some(prefix) = &fwd.prefix_rewrite {
+            let matched = matched_prefix_len(route);
+            let rest = &p[matched.min(p.len())..];
+            let joined = if prefix.ends_with('/') && rest.starts_with('/') { format!("{prefix}{}", &rest[1..]) } else { format!("{prefix}{rest}") };
+            Some(format!("{joined}{q}"))
+        } else {
+            fwd.regex_rewrite.as_ref().map(|(re, sub)| format!("{}{q}", re.replace_all(p, sub.as_str())))
+        };
+        let headers = req.headers_mut();
+        if new_path.is_some() {
+            if let Ok(v) = HeaderValue::from_str(path) {
+                headers.insert(X_ENVOY_ORIGINAL_PATH, v);
+            }
+        }
+        let mut upstream_authority = host.to_owned();
+        if let Some(h) = &fwd.host_rewrite {
+            upstream_authority = h.to_str().unwrap_or(host).to_owned();
+        } else if fwd.auto_host_rewrite && !upstream_host.hostname.is_empty() {
+            upstream_authority = upstream_host.hostname.clone();
+        }
+        if upstream_authority != host {
+            if let Ok(v) = HeaderValue::from_str(host) {
+                headers.insert(HeaderName::from_static("x-forwarded-host"), v);
+            }
+        }
+        // Header mutations: most specific level first, so outer levels win on overwrite.
+        if let Some(w) = weighted {
+            w.request_headers.apply(headers);
+        }
+        route.request_headers.apply(headers);
+        vh.request_headers.apply(headers);
+        table.request_headers.apply(headers);
+
+        let upgrade = is_websocket(headers) && fwd.websocket.unwrap_or(hcm.websocket);
+        strip_hop_by_hop(headers, upgrade);
+        if !hcm.router.suppress_envoy_headers {
+            if let Some(t) = fwd.timeout {
+                if let Ok(v) = HeaderValue::from_str(&t.as_millis().to_string()) {
+                    headers.insert(X_ENVOY_EXPECTED_TIMEOUT, v);
+                }
+            }
+        }
+        let pq = new_path.as_deref().unwrap_or(path);
+        let uri = match Uri::builder().path_and_query(pq).build() {
+            Ok(u) => u,
+            Err(_) => return self.local(LocalReply::new(StatusCode::BAD_REQUEST, bytes::Bytes::new())),
+        };
+        let downstream_upgrade = if upgrade { Some(hyper::upgrade::on(&mut req)) } else { None };
+        let (mut parts, body) = req.into_parts();
+        parts.uri = uri;
+        if let Ok(v) = HeaderValue::from_str(&upstream_authority) {
+            parts.headers.insert(header::HOST, v);
+        }
+        parts.extensions = http::Extensions::new();
+        let up_req = Request::from_parts(parts, body);
+
+        cluster.stats.rq_total.inc();
+        cluster.stats.rq_active.inc();
+        let active = upstream_host.track();
+        let sent_at = Instant::now();
+        let send = crate::upstream::send(&upstream_host, &cluster.config, &cluster.stats, up_req);
+        let timeout = match (fwd.timeout, hcm.stream_idle_timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let result = match timeout {
+            Some(t) => match tokio::time::timeout(t, send).await {
+                Ok(r) => r,
+                Err(_) => {
+                    cluster.stats.rq_active.dec();
+                    cluster.stats.rq_classes.record(504);
+                    if fwd.timeout == Some(t) {
+                        cluster.stats.rq_timeout.inc();
+                        self.flags = "UT";
+                        self.details = "upstream_response_timeout";
+                        return self.local(LocalReply::new(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"));
+                    }
+                    hcm.stats.rq_idle_timeout.inc();
+                    self.details = "stream_idle_timeout";
+                    return self.local(LocalReply::new(StatusCode::REQUEST_TIMEOUT, "stream timeout"));
+                }
+            },
+            None => send.await,
+        };
+        cluster.stats.rq_active.dec();
+        let (resp, pool) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                cluster.stats.rq_classes.record(503);
+                self.flags = e.response_flag();
+                self.details = "upstream_reset_before_response_started";
+                tracing::debug!(cluster = %cluster.config.name, host = %upstream_host.address, "upstream failure: {e}");
+                return self.local(LocalReply::new(StatusCode::SERVICE_UNAVAILABLE, e.body()));
+            }
+        };
+        cluster.stats.rq_classes.record(resp.status().as_u16());
+        self.details = "via_upstream";
+        let mut resp = resp;
+        let upstream_upgrade = if upgrade && resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            Some(hyper::upgrade::on(&mut resp))
+        } else {
+            None
+        };
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers, upstream_upgrade.is_some());
+        if !hcm.router.suppress_envoy_headers {
+            if let Ok(v) = HeaderValue::from_str(&sent_at.elapsed().as_millis().to_string()) {
+                parts.headers.insert(X_ENVOY_UPSTREAM_TIME, v);
+            }
+        }
+        self.response_headers(route, vh, table, weighted, &mut parts.headers);
+        if let (Some(down), Some(up)) = (downstream_upgrade, upstream_upgrade) {
+            tokio::spawn(async move {
+                match (down.await, up.await) {
+                    (Ok(d), Ok(u)) => {
+                        let mut d = hyper_util::rt::TokioIo::new(d);
+                        let mut u = hyper_util::rt::TokioIo::new(u);
+                        let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
+                    }
+                    (d, u) => tracing::debug!("upgrade failed: {:?} {:?}", d.err(), u.err()),
+                }
+            });
+            let resp = Response::from_parts(parts, ProxyBody::upstream(body, None, Some(active)));
+            return self.response_filters(resp);
+        }
+        let resp = Response::from_parts(parts, ProxyBody::upstream(body, pool, Some(active)));
+        self.response_filters(resp)
+    }
+
+    fn response_headers(
+        &self,
+        route: &Route,
+        vh: &VirtualHost,
+        table: &RouteTable,
+        weighted: Option<&crate::route::WeightedCluster>,
+        headers: &mut HeaderMap,
+    ) {
+        if let Some(w) = weighted {
+            w.response_headers.apply(headers);
+        }
+        route.response_headers.apply(headers);
+        vh.response_headers.apply(headers);
+        table.response_headers.apply(headers);
+    }
+
+    /// Final touches on every response, and the access-log hook.
+    fn finish(&mut self, resp: &mut Response<ProxyBody>) {
+        let hcm = &self.conn.hcm;
+        let h = resp.headers_mut();
+        match hcm.server_header {
+            ServerHeader::Overwrite => {
+                h.insert(header::SERVER, hcm.server_name.clone());
+            }
+            ServerHeader::AppendIfAbsent => {
+                if !h.contains_key(header::SERVER) {
+                    h.insert(header::SERVER, hcm.server_name.clone());
+                }
+            }
+            ServerHeader::PassThrough => {}
+        }
+        if let Some(mut record) = self.record.take() {
+            record.response_code = resp.status().as_u16();
+            record.response_flags = self.flags;
+            record.response_code_details = self.details;
+            record.response_headers = resp.headers().clone();
+            record.route_name = self.ctx.route_name.clone();
+            record.bytes_received = record
+                .request_headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .unwrap_or(0);
+            resp.body_mut().on_complete(Some(Box::new(Completion {
+                logs: hcm.access_logs.clone(),
+                record,
+                started: self.started,
+            })));
+        }
+    }
+}
+
+/// Length of the path the route's match consumed, for `prefix_rewrite`.
+fn matched_prefix_len(route: &Route) -> usize {
+    match &route.matcher.path {
+        PathMatch::Prefix(p) | PathMatch::SeparatedPrefix(p) | PathMatch::Exact(p) => p.len(),
+        PathMatch::Regex(_) => 0,
+    }
+}
+
+fn split_host_port(host: &str) -> (&str, Option<&str>) {
+    if host.starts_with('[') {
+        if let Some(end) = host.find(']') {
+            let rest = &host[end + 1..];
+            return (&host[..=end], rest.strip_prefix(':'));
+        }
+    }
+    match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => (h, Some(p)),
+        _ => (host, None),
+    }
+}
+
+fn is_websocket(h: &HeaderMap) -> bool {
+    h.get(header::UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    if !keep_upgrade {
+        h.remove(header::CONNECTION);
+        h.remove(header::UPGRADE);
+    }
+    h.remove(KEEP_ALIVE);
+    h.remove(PROXY_CONNECTION);
+    h.remove(header::TRANSFER_ENCODING);
+    if h.get(header::TE).is_some_and(|v| v.as_bytes() != b"trailers") {
+        h.remove(header::TE);
+    }
+}
+
+fn compute_hash(policies: &[HashPolicy], headers: &HeaderMap, remote: SocketAddr) -> Option<u64> {
+    let mut acc: Option<u64> = None;
+    for p in policies {
+        let (h, terminal) = match p {
+            HashPolicy::Header { name, terminal } => (headers.get(name).map(|v| hash64(v.as_bytes())), *terminal),
+            HashPolicy::Cookie { name, terminal } => (
+                headers
+                    .get_all(header::COOKIE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(|v| v.split(';'))
+                    .find_map(|c| c.trim().strip_prefix(name.as_str())?.strip_prefix('='))
+                    .map(|v| hash64(v.as_bytes())),
+                *terminal,
+            ),
+            HashPolicy::SourceIp { terminal } => (Some(hash64(remote.ip().to_string().as_bytes())), *terminal),
+        };
+        if let Some(h) = h {
+            acc = Some(match acc {
+                Some(a) => a.rotate_left(1) ^ h,
+                None => h,
+            });
+            if terminal {
+                break;
+            }
+        }
+    }
+    acc
+}

@@ -1,0 +1,16 @@
+//! `legate`: an Envoy-compatible L7 proxy. See `ARCHITECTURE.md` for the map.
+
+pub mod accesslog;
+pub mod admin;
+pub mod body;
+pub mod cluster;
+pub mod config;
+pub mod hcm;
+pub mod lb;
+pub mod listener;
+pub mod route;
+pub mod server;
+pub mod stats;
+pub mod tls;
+pub mod tls_inspector;
+pub mod upstream;

@@ -1,0 +1,296 @@
+//! Listeners: binding, accepting, picking a filter chain (`filter_chain_match` on SNI,
+//! transport protocol and ALPN, read by the TLS inspector), TLS termination, and serving the
+//! connection's HTTP codec until it closes or the proxy drains.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::hcm::{Codec, ConnInfo, HcmConfig};
+use crate::server::Runtime;
+use crate::tls::{PeerSans, SanMatcher};
+
+/// `filter_chain_match`.
+#[derive(Debug, Default)]
+pub struct ChainMatch {
+    pub server_names: Vec<String>,
+    pub transport_protocol: Option<String>,
+    pub application_protocols: Vec<String>,
+}
+
+/// Downstream TLS of a filter chain.
+#[derive(Debug)]
+pub struct DownstreamTls {
+    pub config: Arc<rustls::ServerConfig>,
+    pub san_matchers: Vec<SanMatcher>,
+}
+
+/// A filter chain: its match, its TLS and its connection manager.
+#[derive(Debug)]
+pub struct FilterChain {
+    pub name: String,
+    pub matcher: ChainMatch,
+    pub tls: Option<DownstreamTls>,
+    pub hcm: Arc<HcmConfig>,
+}
+
+/// A validated listener.
+#[derive(Debug)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub address: SocketAddr,
+    pub chains: Vec<Arc<FilterChain>>,
+    pub default_chain: Option<Arc<FilterChain>>,
+    pub tls_inspector: bool,
+    pub buffer_limit: Option<u32>,
+}
+
+/// What the TLS inspector learned from the first bytes.
+#[derive(Debug, Default)]
+struct Detected {
+    tls: bool,
+    sni: Option<String>,
+    alpn: Vec<String>,
+}
+
+impl ListenerConfig {
+    /// Envoy's filter chain selection: server name (exact, then longest wildcard, then none),
+    /// then transport protocol (exact, then none), then ALPN (any match, then none).
+    fn select(&self, d: &Detected) -> Option<&Arc<FilterChain>> {
+        let transport = if d.tls { "tls" } else { "raw_buffer" };
+        let mut cands: Vec<&Arc<FilterChain>> = Vec::new();
+        if let Some(sni) = &d.sni {
+            let sni = sni.to_ascii_lowercase();
+            cands = self.chains.iter().filter(|c| c.matcher.server_names.iter().any(|n| *n == sni)).collect();
+            if cands.is_empty() {
+                let mut best = 0;
+                for c in &self.chains {
+                    for n in &c.matcher.server_names {
+                        if let Some(suffix) = n.strip_prefix('*') {
+                            if sni.ends_with(suffix) && sni.len() > suffix.len() {
+                                if suffix.len() > best {
+                                    best = suffix.len();
+                                    cands.clear();
+                                }
+                                if suffix.len() == best {
+                                    cands.push(c);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if cands.is_empty() {
+            cands = self.chains.iter().filter(|c| c.matcher.server_names.is_empty()).collect();
+        }
+        let exact: Vec<_> = cands
+            .iter()
+            .copied()
+            .filter(|c| c.matcher.transport_protocol.as_deref() == Some(transport))
+            .collect();
+        let cands: Vec<_> = if exact.is_empty() {
+            cands.into_iter().filter(|c| c.matcher.transport_protocol.is_none()).collect()
+        } else {
+            exact
+        };
+        let alpn: Vec<_> = cands
+            .iter()
+            .copied()
+            .filter(|c| c.matcher.application_protocols.iter().any(|p| d.alpn.contains(p)))
+            .collect();
+        let mut cands = if alpn.is_empty() {
+            cands.into_iter().filter(|c| c.matcher.application_protocols.is_empty()).collect()
+        } else {
+            alpn
+        };
+        if cands.is_empty() {
+            self.default_chain.as_ref()
+        } else {
+            Some(cands.swap_remove(0))
+        }
+    }
+}
+
+/// A bound listener.
+#[derive(Debug)]
+pub struct BoundListener {
+    pub config: Arc<ListenerConfig>,
+    pub socket: TcpListener,
+}
+
+/// Binds a listener's socket (with `SO_REUSEADDR`, dual-stack off for IPv6).
+pub fn bind(config: Arc<ListenerConfig>) -> std::io::Result<BoundListener> {
+    let addr = config.address;
+    let domain = if addr.is_ipv6() { socket2::Domain::IPV6 } else { socket2::Domain::IPV4 };
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    let socket = TcpListener::from_std(s.into())?;
+    Ok(BoundListener { config, socket })
+}
+
+/// Accepts connections until `drain` turns true.
+pub async fn serve(listener: BoundListener, runtime: Arc<Runtime>, mut drain: watch::Receiver<bool>) {
+    let local = listener.socket.local_addr().ok();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.socket.accept() => a,
+            _ = drain.changed() => break,
+        };
+        let (stream, remote) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(listener = %listener.config.name, "accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let config = listener.config.clone();
+        let runtime = runtime.clone();
+        let drain = drain.clone();
+        let local = stream.local_addr().ok().or(local).unwrap_or(config.address);
+        tokio::spawn(async move {
+            if let Err(e) = connection(stream, remote, local, config, runtime, drain).await {
+                tracing::debug!(%remote, "connection ended: {e}");
+            }
+        });
+    }
+}
+
+async fn inspect(stream: &TcpStream) -> std::io::Result<Detected> {
+    let mut buf = vec![0u8; 16 * 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "listener filter timeout"))??;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        match crate::tls_inspector::parse_client_hello(&buf[..n]) {
+            crate::tls_inspector::Parse::NotTls => return Ok(Detected::default()),
+            crate::tls_inspector::Parse::Hello { sni, alpn } => return Ok(Detected { tls: true, sni, alpn }),
+            crate::tls_inspector::Parse::NeedMore => {
+                if n == buf.len() {
+                    return Ok(Detected { tls: true, ..Default::default() });
+                }
+                stream.readable().await?;
+            }
+        }
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    remote: SocketAddr,
+    local: SocketAddr,
+    config: Arc<ListenerConfig>,
+    runtime: Arc<Runtime>,
+    drain: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let detected = if config.tls_inspector { inspect(&stream).await? } else { Detected::default() };
+    let Some(chain) = config.select(&detected) else {
+        tracing::debug!(%remote, "no matching filter chain");
+        return Ok(());
+    };
+    let hcm = chain.hcm.clone();
+    hcm.stats.cx_total.inc();
+    let active = hcm.stats.cx_active.clone_handle();
+    active.inc();
+    let result = match &chain.tls {
+        Some(tls) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
+            let s = acceptor.accept(stream).await?;
+            let (_, session) = s.get_ref();
+            let sni = session.server_name().map(str::to_owned);
+            let h2 = session.alpn_protocol() == Some(b"h2");
+            let sans = session
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| PeerSans::from_der(c.as_ref()));
+            if let Some(sans) = &sans {
+                if !sans.matches(&tls.san_matchers) {
+                    active.dec();
+                    return Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "client certificate SAN mismatch"));
+                }
+            } else if !tls.san_matchers.is_empty() {
+                active.dec();
+                return Ok(());
+            }
+            let info = ConnInfo {
+                remote,
+                local,
+                tls: true,
+                sni,
+                peer_principals: sans.map(|s| s.principals()).unwrap_or_default(),
+                hcm,
+                runtime,
+            };
+            let codec = if h2 { Codec::Http2 } else { info.hcm.codec };
+            serve_http(s, Arc::new(info), codec, drain).await
+        }
+        None => {
+            let info = ConnInfo { remote, local, tls: false, sni: detected.sni, peer_principals: Vec::new(), hcm, runtime };
+            let codec = info.hcm.codec;
+            serve_http(stream, Arc::new(info), codec, drain).await
+        }
+    };
+    active.dec();
+    result
+}
+
+async fn serve_http<S>(io: S, info: Arc<ConnInfo>, codec: Codec, mut drain: watch::Receiver<bool>) -> std::io::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let hcm = info.hcm.clone();
+    let svc = service_fn(move |req| crate::hcm::handle(info.clone(), req));
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let max_headers = (hcm.max_request_headers_kb as usize * 1024).max(8192);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .max_buf_size(max_headers)
+        .header_read_timeout(hcm.idle_timeout.unwrap_or(Duration::from_secs(3600)));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(max_headers).unwrap_or(u32::MAX))
+        .max_concurrent_streams(hcm.h2_max_concurrent_streams.unwrap_or(2_147_483_647));
+    let builder = match codec {
+        Codec::Auto => builder,
+        Codec::Http1 => builder.http1_only(),
+        Codec::Http2 => builder.http2_only(),
+    };
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let mut draining = *drain.borrow();
+    if draining {
+        conn.as_mut().graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => return r.map_err(|e| std::io::Error::other(e.to_string())),
+            changed = drain.changed(), if !draining => {
+                if changed.is_err() || *drain.borrow() {
+                    draining = true;
+                    // HTTP/1.1: close after the in-flight response; HTTP/2: GOAWAY.
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! Connections to upstream hosts: per-host pools of HTTP/1.1 connections (one request at a
+//! time, returned to the pool when the response body ends) and one shared HTTP/2 connection,
+//! over TCP or TLS.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+
+use crate::cluster::{ClusterConfig, Host, UpstreamProtocol};
+use crate::stats::ClusterStats;
+
+/// TLS towards a cluster's hosts.
+#[derive(Debug)]
+pub struct UpstreamTls {
+    pub config: Arc<rustls::ClientConfig>,
+    /// The SNI to send; without it Legate sends none, like Envoy.
+    pub sni: Option<ServerName<'static>>,
+}
+
+/// Why an upstream request failed, classified as Envoy's response flags are.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connection timeout")]
+    ConnectTimeout,
+    #[error("connection failure: {0}")]
+    ConnectFailed(std::io::Error),
+    #[error("TLS error: {0}")]
+    Tls(std::io::Error),
+    #[error("protocol error: {0}")]
+    Handshake(hyper::Error),
+    #[error("connection termination: {0}")]
+    Reset(hyper::Error),
+}
+
+impl UpstreamError {
+    /// Envoy's response flag for this failure.
+    pub fn response_flag(&self) -> &'static str {
+        match self {
+            UpstreamError::ConnectTimeout
+            | UpstreamError::ConnectFailed(_)
+            | UpstreamError::Tls(_)
+            | UpstreamError::Handshake(_) => "UF",
+            UpstreamError::Reset(_) => "UC",
+        }
+    }
+
+    /// Envoy's local reply body for this failure.
+    pub fn body(&self) -> String {
+        let reason = match self {
+            UpstreamError::ConnectTimeout | UpstreamError::ConnectFailed(_) => {
+                "connection failure".to_owned()
+            }
+            UpstreamError::Tls(e) => format!("connection failure, transport failure reason: {e}"),
+            UpstreamError::Handshake(_) => "protocol error".to_owned(),
+            UpstreamError::Reset(_) => "connection termination".to_owned(),
+        };
+        format!("upstream connect error or disconnect/reset before headers. reset reason: {reason}")
+    }
+}
+
+/// Idle and shared connections of one host.
+#[derive(Debug, Default)]
+pub struct Pool {
+    idle: Mutex<Vec<http1::SendRequest<Incoming>>>,
+    h2: Mutex<Option<http2::SendRequest<Incoming>>>,
+}
+
+/// Hands an HTTP/1.1 connection back to its host's pool once the response has been read.
+#[derive(Debug)]
+pub struct PoolReturn {
+    host: Arc<Host>,
+    sender: http1::SendRequest<Incoming>,
+}
+
+impl PoolReturn {
+    /// Returns the connection for reuse.
+    pub fn release(self) {
+        if !self.sender.is_closed() {
+            if let Ok(mut idle) = self.host.pool.idle.lock() {
+                idle.push(self.sender);
+            }
+        }
+    }
+}
+
+enum Connected {
+    H1(http1::SendRequest<Incoming>),
+    H2(http2::SendRequest<Incoming>),
+}
+
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// Sends a request to `host`, reusing a pooled connection when one is free.
+pub async fn send(
+    host: &Arc<Host>,
+    cluster: &ClusterConfig,
+    stats: &ClusterStats,
+    mut req: Request<Incoming>,
+) -> Result<(Response<Incoming>, Option<PoolReturn>), UpstreamError> {
+    // A pooled connection may have been closed by the peer while idle; hyper hands the request
+    // back when it was not sent, so it can go out on a fresh connection.
+    if let Some(mut h2) = take_h2(host) {
+        match h2.try_send_request(req).await {
+            Ok(resp) => return Ok((resp, None)),
+            Err(mut e) => match e.take_message() {
+                Some(r) => req = r,
+                None => return Err(UpstreamError::Reset(e.into_error())),
+            },
+        }
+    }
+    while let Some(mut h1) = take_idle(host) {
+        match h1.try_send_request(req).await {
+            Ok(resp) => return Ok((resp, Some(PoolReturn { host: host.clone(), sender: h1 }))),
+            Err(mut e) => match e.take_message() {
+                Some(r) => req = r,
+                None => return Err(UpstreamError::Reset(e.into_error())),
+            },
+        }
+    }
+    match connect(host, cluster, stats).await? {
+        Connected::H1(mut h1) => {
+            let resp = h1.send_request(req).await.map_err(UpstreamError::Reset)?;
+            Ok((resp, Some(PoolReturn { host: host.clone(), sender: h1 })))
+        }
+        Connected::H2(mut h2) => {
+            if let Ok(mut slot) = host.pool.h2.lock() {
+                *slot = Some(h2.clone());
+            }
+            let resp = h2.send_request(req).await.map_err(UpstreamError::Reset)?;
+            Ok((resp, None))
+        }
+    }
+}
+
+fn take_h2(host: &Host) -> Option<http2::SendRequest<Incoming>> {
+    let mut slot = host.pool.h2.lock().ok()?;
+    match slot.as_ref() {
+        Some(s) if !s.is_closed() => Some(s.clone()),
+        Some(_) => {
+            *slot = None;
+            None
+        }
+        None => None,
+    }
+}
+
+fn take_idle(host: &Host) -> Option<http1::SendRequest<Incoming>> {
+    let mut idle = host.pool.idle.lock().ok()?;
+    while let Some(s) = idle.pop() {
+        if s.is_ready() {
+            return Some(s);
+        }
+    }
+    None
+}
+
+async fn connect(
+    host: &Arc<Host>,
+    cluster: &ClusterConfig,
+    stats: &ClusterStats,
+) -> Result<Connected, UpstreamError> {
+    stats.cx_total.inc();
+    let tcp = match tokio::time::timeout(cluster.connect_timeout, TcpStream::connect(host.address)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            stats.cx_connect_fail.inc();
+            return Err(UpstreamError::ConnectFailed(e));
+        }
+        Err(_) => {
+            stats.cx_connect_timeout.inc();
+            return Err(UpstreamError::ConnectTimeout);
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    let (io, h2): (Box<dyn Io>, bool) = match &cluster.tls {
+        None => (Box::new(tcp), cluster.protocol == UpstreamProtocol::Http2),
+        Some(tls) => {
+            let name = tls
+                .sni
+                .clone()
+                .unwrap_or_else(|| ServerName::IpAddress(host.address.ip().into()));
+            let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+            let s = match tokio::time::timeout(cluster.connect_timeout, connector.connect(name, tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    stats.cx_connect_fail.inc();
+                    return Err(UpstreamError::Tls(e));
+                }
+                Err(_) => {
+                    stats.cx_connect_timeout.inc();
+                    return Err(UpstreamError::ConnectTimeout);
+                }
+            };
+            let alpn_h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+            let h2 = match cluster.protocol {
+                UpstreamProtocol::Http2 => true,
+                UpstreamProtocol::Http1 => false,
+                UpstreamProtocol::Alpn => alpn_h2,
+            };
+            (Box::new(s), h2)
+        }
+    };
+    let io = TokioIo::new(io);
+    let active = stats.cx_active.clone_handle();
+    if h2 {
+        let mut b = http2::Builder::new(TokioExecutor::new());
+        b.timer(hyper_util::rt::TokioTimer::new());
+        b.keep_alive_interval(None::<Duration>);
+        let (sender, conn) = b.handshake(io).await.map_err(UpstreamError::Handshake)?;
+        tokio::spawn(async move {
+            active.inc();
+            if let Err(e) = conn.await {
+                tracing::debug!("upstream h2 connection ended: {e}");
+            }
+            active.dec();
+        });
+        Ok(Connected::H2(sender))
+    } else {
+        let (sender, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(UpstreamError::Handshake)?;
+        tokio::spawn(async move {
+            active.inc();
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!("upstream h1 connection ended: {e}");
+            }
+            active.dec();
+        });
+        Ok(Connected::H1(sender))
+    }
+}
