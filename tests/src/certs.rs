@@ -103,8 +103,12 @@ impl TestPki {
             dns("*.example.com")?,
             SanType::IpAddress("127.0.0.1".parse()?),
         ];
-        let (server, server_pem, server_key) =
-            leaf("server", server_sans, ExtendedKeyUsagePurpose::ServerAuth, &ca)?;
+        let (server, server_pem, server_key) = leaf(
+            "server",
+            server_sans,
+            ExtendedKeyUsagePurpose::ServerAuth,
+            &ca,
+        )?;
         let spiffe = SanType::URI(CLIENT_SPIFFE_ID.try_into()?);
         let (client, client_pem, client_key) = leaf(
             "client",
@@ -132,7 +136,8 @@ impl TestPki {
         ];
         for (name, contents) in files {
             let path = dir.join(name);
-            std::fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))?;
+            std::fs::write(&path, contents)
+                .with_context(|| format!("writing {}", path.display()))?;
         }
         Ok(Arc::new(TestPki {
             dir: dir.to_path_buf(),

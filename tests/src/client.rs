@@ -169,12 +169,7 @@ fn pairs(map: &http::HeaderMap) -> Vec<(String, String)> {
         .collect()
 }
 
-async fn exchange<IO>(
-    io: IO,
-    h2: bool,
-    scheme: &str,
-    req: &Request,
-) -> Result<Response>
+async fn exchange<IO>(io: IO, h2: bool, scheme: &str, req: &Request) -> Result<Response>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -203,7 +198,11 @@ where
 }
 
 /// A rustls client config trusting the test CA.
-pub fn tls_config(pki: &TestPki, alpn: &[String], cert: ClientCert) -> Result<rustls::ClientConfig> {
+pub fn tls_config(
+    pki: &TestPki,
+    alpn: &[String],
+    cert: ClientCert,
+) -> Result<rustls::ClientConfig> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(pki.roots()?);
@@ -212,8 +211,9 @@ pub fn tls_config(pki: &TestPki, alpn: &[String], cert: ClientCert) -> Result<ru
         ClientCert::Client => {
             builder.with_client_auth_cert(pki.client.chain.clone(), pki.client.key())?
         }
-        ClientCert::Rogue => builder
-            .with_client_auth_cert(pki.rogue_client.chain.clone(), pki.rogue_client.key())?,
+        ClientCert::Rogue => {
+            builder.with_client_auth_cert(pki.rogue_client.chain.clone(), pki.rogue_client.key())?
+        }
     };
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     Ok(config)

@@ -64,7 +64,10 @@ fn take_frames(buf: &mut BytesMut) -> Vec<Bytes> {
 pub(crate) type RespBody = BoxBody<Bytes, Infallible>;
 
 /// Serves one gRPC call: echoes each message as it arrives, then sends trailers.
-pub(crate) fn echo_call(req: http::Request<Incoming>, upstream: String) -> http::Response<RespBody> {
+pub(crate) fn echo_call(
+    req: http::Request<Incoming>,
+    upstream: String,
+) -> http::Response<RespBody> {
     let status = req
         .headers()
         .get("x-grpc-status")

@@ -65,11 +65,9 @@ impl Outcome {
             "body_len" => json!(response.body.len()),
             "alpn" => opt(response.alpn.clone()),
             "interim" => json!(interim),
-            "grpc.status" => opt(
-                response
-                    .trailer("grpc-status")
-                    .or_else(|| response.header("grpc-status")),
-            ),
+            "grpc.status" => opt(response
+                .trailer("grpc-status")
+                .or_else(|| response.header("grpc-status"))),
             "grpc.messages" => match crate::grpc::decode(&response.body) {
                 Ok(messages) => json!(messages
                     .iter()
@@ -149,8 +147,10 @@ pub fn observe(key: &str, outcomes: &[Outcome]) -> Value {
             json!(counts)
         }
         "sticky" => {
-            let names: Vec<Option<String>> =
-                outcomes.iter().map(|o| o.echo().map(|e| e.upstream)).collect();
+            let names: Vec<Option<String>> = outcomes
+                .iter()
+                .map(|o| o.echo().map(|e| e.upstream))
+                .collect();
             let first = names.first().cloned().flatten();
             Value::Bool(first.is_some() && names.iter().all(|n| *n == first))
         }

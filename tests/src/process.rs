@@ -67,8 +67,10 @@ impl ProcessGuard {
     pub fn spawn(name: &str, program: &Path, args: &[String], dir: &Path) -> Result<Self> {
         let stdout = dir.join(format!("{name}.stdout"));
         let stderr = dir.join(format!("{name}.stderr"));
-        let out = File::create(&stdout).with_context(|| format!("creating {}", stdout.display()))?;
-        let err = File::create(&stderr).with_context(|| format!("creating {}", stderr.display()))?;
+        let out =
+            File::create(&stdout).with_context(|| format!("creating {}", stdout.display()))?;
+        let err =
+            File::create(&stderr).with_context(|| format!("creating {}", stderr.display()))?;
         let child = Command::new(program)
             .args(args)
             .current_dir(dir)

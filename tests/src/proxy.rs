@@ -100,7 +100,10 @@ async fn wait_ready(
             }
         }
         if Instant::now() > deadline {
-            bail!("no admin address in {} before the deadline", admin_file.display());
+            bail!(
+                "no admin address in {} before the deadline",
+                admin_file.display()
+            );
         }
         tokio::time::sleep(POLL).await;
     };

@@ -237,7 +237,10 @@ pub async fn expect_continue(
         .ok_or_else(|| anyhow!("closed before answering the Expect: 100-continue head"))?;
     let mut interim = vec![first.status];
     if first.status != 100 {
-        bail!("expected 100 Continue before sending the body, got {}", first.status);
+        bail!(
+            "expected 100 Continue before sending the body, got {}",
+            first.status
+        );
     }
     conn.write(body).await?;
     let response = conn

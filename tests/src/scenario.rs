@@ -212,7 +212,10 @@ impl Expect {
             put(format!("header:{}", n.to_ascii_lowercase()), json!(v));
         }
         for n in &self.headers_present {
-            put(format!("header_present:{}", n.to_ascii_lowercase()), json!(true));
+            put(
+                format!("header_present:{}", n.to_ascii_lowercase()),
+                json!(true),
+            );
         }
         if let Some(v) = &self.alpn {
             put("alpn".into(), json!(v));
@@ -238,7 +241,10 @@ impl Expect {
             put(format!("echo.header:{}", n.to_ascii_lowercase()), json!(v));
         }
         for n in &self.request_headers_present {
-            put(format!("echo.header_present:{}", n.to_ascii_lowercase()), json!(true));
+            put(
+                format!("echo.header_present:{}", n.to_ascii_lowercase()),
+                json!(true),
+            );
         }
         for (n, p) in &self.request_headers_prefix {
             put(
@@ -365,14 +371,19 @@ pub async fn run(name: &str) -> Result<()> {
     // Bound but never listening: connecting is refused, and nobody else can take the port.
     let reserved = tokio::net::TcpSocket::new_v4()?;
     reserved.bind("127.0.0.1:0".parse()?)?;
-    vars.insert("UNUSED_PORT".into(), reserved.local_addr()?.port().to_string());
+    vars.insert(
+        "UNUSED_PORT".into(),
+        reserved.local_addr()?.port().to_string(),
+    );
 
     let rendered = render(&scenario.bootstrap, &vars)?;
     let config = dir.path().join("bootstrap.yaml");
     std::fs::write(&config, &rendered)?;
 
     let started = futures_util::future::join_all(
-        sides.iter().map(|&kind| Proxy::start(kind, &config, dir.path())),
+        sides
+            .iter()
+            .map(|&kind| Proxy::start(kind, &config, dir.path())),
     )
     .await;
     let mut proxies = Vec::new();
@@ -383,10 +394,9 @@ pub async fn run(name: &str) -> Result<()> {
     let mut failures = Vec::new();
     let mut report = Vec::new();
     for request in &scenario.requests {
-        let per_side = futures_util::future::join_all(
-            proxies.iter().map(|p| attempts(p, request, &pki)),
-        )
-        .await;
+        let per_side =
+            futures_util::future::join_all(proxies.iter().map(|p| attempts(p, request, &pki)))
+                .await;
         let mut observed: BTreeMap<ProxyKind, BTreeMap<String, Value>> = BTreeMap::new();
         let mut keys: Vec<String> = request.expect.keys().into_iter().map(|(k, _)| k).collect();
         keys.extend(request.compare.iter().cloned());

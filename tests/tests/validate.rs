@@ -1,1 +1,92 @@
+//! `--mode validate`: a good bootstrap is accepted with Envoy's message, a bad one is rejected
+//! with the path of the offending field.
 
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use legate_tests::bins::ProxyKind;
+use legate_tests::process::{run_to_completion, Finished, TempDir};
+use legate_tests::scenario::sides;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/validate")
+        .join(name)
+}
+
+fn validate(kind: ProxyKind, config: &Path) -> Result<Finished> {
+    let dir = TempDir::new("validate")?;
+    let args = vec![
+        "--mode".to_string(),
+        "validate".to_string(),
+        "-c".to_string(),
+        config.display().to_string(),
+        "--disable-hot-restart".to_string(),
+        "-l".to_string(),
+        "warning".to_string(),
+    ];
+    run_to_completion(&kind.binary()?, &args, dir.path(), Duration::from_secs(60))
+}
+
+fn describe(kind: ProxyKind, f: &Finished) -> String {
+    format!(
+        "{kind} exited with {}\n--- stdout ---\n{}--- stderr ---\n{}",
+        f.status, f.stdout, f.stderr
+    )
+}
+
+#[test]
+fn validate_accepts_a_good_bootstrap() -> Result<()> {
+    let config = fixture("good.yaml");
+    for kind in sides()? {
+        let f = validate(kind, &config)?;
+        ensure!(f.status.success(), "{}", describe(kind, &f));
+        let want = format!("configuration '{}' OK", config.display());
+        ensure!(
+            f.stdout.contains(&want),
+            "expected {want:?} on stdout\n{}",
+            describe(kind, &f)
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn validate_rejects_an_unknown_field_by_path() -> Result<()> {
+    let config = fixture("unknown_field.yaml");
+    for kind in sides()? {
+        let f = validate(kind, &config)?;
+        ensure!(!f.status.success(), "{}", describe(kind, &f));
+        let output = format!("{}{}", f.stdout, f.stderr);
+        for needle in ["clusters[0]", "bogus_field"] {
+            ensure!(
+                output.contains(needle),
+                "expected {needle:?} in the output\n{}",
+                describe(kind, &f)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Envoy accepts this (it implements subsets); Legate must refuse a field it would otherwise
+/// silently ignore, naming it.
+#[test]
+fn validate_rejects_an_unsupported_field_by_path() -> Result<()> {
+    if !sides()?.contains(&ProxyKind::Legate) {
+        return Ok(());
+    }
+    let config = fixture("unsupported_field.yaml");
+    let f = validate(ProxyKind::Legate, &config)?;
+    ensure!(!f.status.success(), "{}", describe(ProxyKind::Legate, &f));
+    let output = format!("{}{}", f.stdout, f.stderr);
+    for needle in ["clusters[0]", "lb_subset_config"] {
+        ensure!(
+            output.contains(needle),
+            "expected {needle:?} in the output\n{}",
+            describe(ProxyKind::Legate, &f)
+        );
+    }
+    Ok(())
+}
