@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use crate::certs::{provider, TestPki};
 
 /// How long one request may take, connection included.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Which client certificate to present over TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -68,6 +68,17 @@ impl Outcome {
             "grpc.status" => opt(response
                 .trailer("grpc-status")
                 .or_else(|| response.header("grpc-status"))),
+            "grpc.messages"
+                if !response
+                    .header("content-type")
+                    .is_some_and(|ct| ct.starts_with("application/grpc")) =>
+            {
+                let text = String::from_utf8_lossy(&response.body);
+                Value::String(format!(
+                    "<not a gRPC response: {:?}>",
+                    text.chars().take(80).collect::<String>()
+                ))
+            }
             "grpc.messages" => match crate::grpc::decode(&response.body) {
                 Ok(messages) => json!(messages
                     .iter()

@@ -1,6 +1,7 @@
 //! Legate's integration tests: the differential corpus against Envoy, malformed input over raw
 //! TCP, and `--mode validate`.
 
+mod harness;
 mod malformed;
 mod scenarios;
 mod validate;

@@ -35,7 +35,6 @@ scenarios! {
     grpc_streaming,
     grpc_unary,
     headers_all_levels,
-    headers_most_specific_wins,
     headers_route_level,
     hop_by_hop_headers,
     large_body,
