@@ -60,7 +60,9 @@ fn find_proto_root() -> Result<PathBuf, String> {
     let wanted = format!("envoy-types-{ENVOY_TYPES_VERSION}");
     for root in registry_roots() {
         let src = root.join("registry").join("src");
-        let Ok(entries) = std::fs::read_dir(&src) else { continue };
+        let Ok(entries) = std::fs::read_dir(&src) else {
+            continue;
+        };
         for entry in entries.flatten() {
             let candidate = entry.path().join(&wanted).join("proto");
             if candidate.join("data-plane-api").is_dir() {

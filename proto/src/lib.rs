@@ -52,7 +52,16 @@ pub fn dynamic_from_json(
     json: &serde_json::Value,
 ) -> Result<DynamicMessage, ProtoError> {
     let desc = descriptor(full_name)?;
-    DynamicMessage::deserialize(desc, json).map_err(|e| ProtoError::Json(e.to_string()))
+    let mut track = serde_path_to_error::Track::new();
+    let de = serde_path_to_error::Deserializer::new(json, &mut track);
+    DynamicMessage::deserialize(desc, de).map_err(|e| {
+        let path = track.path().to_string();
+        if path.is_empty() || path == "." {
+            ProtoError::Json(e.to_string())
+        } else {
+            ProtoError::Json(format!("{path}: {e}"))
+        }
+    })
 }
 
 /// Decodes protobuf bytes into a dynamic message of the given type.
@@ -109,7 +118,10 @@ mod tests {
         });
         let msg = dynamic_from_json("envoy.config.bootstrap.v3.Bootstrap", &json)?;
         let typed: pb::envoy::config::bootstrap::v3::Bootstrap = to_typed(&msg)?;
-        let listeners = typed.static_resources.map(|s| s.listeners).unwrap_or_default();
+        let listeners = typed
+            .static_resources
+            .map(|s| s.listeners)
+            .unwrap_or_default();
         assert_eq!(listeners.len(), 1);
         assert_eq!(listeners[0].name, "l");
         Ok(())

@@ -26,8 +26,16 @@ pub enum FormatError {
 enum Token {
     Literal(String),
     StartTime,
-    Req { name: String, alt: Option<String>, max: Option<usize> },
-    Resp { name: String, alt: Option<String>, max: Option<usize> },
+    Req {
+        name: String,
+        alt: Option<String>,
+        max: Option<usize>,
+    },
+    Resp {
+        name: String,
+        alt: Option<String>,
+        max: Option<usize>,
+    },
     Protocol,
     ResponseCode,
     ResponseCodeDetails,
@@ -101,7 +109,9 @@ impl Format {
                 rest = stripped;
                 continue;
             }
-            let end = after.find('%').ok_or_else(|| FormatError::Unterminated(s.to_owned()))?;
+            let end = after
+                .find('%')
+                .ok_or_else(|| FormatError::Unterminated(s.to_owned()))?;
             let op = &after[..end];
             if !lit.is_empty() {
                 tokens.push(Token::Literal(std::mem::take(&mut lit)));
@@ -163,7 +173,9 @@ fn parse_op(op: &str) -> Result<Token, FormatError> {
         ("UPSTREAM_HOST", None) => Token::UpstreamHost,
         ("UPSTREAM_CLUSTER", None) => Token::UpstreamCluster,
         ("DOWNSTREAM_REMOTE_ADDRESS", None) => Token::DownstreamRemoteAddress,
-        ("DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT", None) => Token::DownstreamRemoteAddressWithoutPort,
+        ("DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT", None) => {
+            Token::DownstreamRemoteAddressWithoutPort
+        }
         ("DOWNSTREAM_LOCAL_ADDRESS", None) => Token::DownstreamLocalAddress,
         ("REQUESTED_SERVER_NAME", None) => Token::RequestedServerName,
         ("ROUTE_NAME", None) => Token::RouteName,
@@ -178,7 +190,9 @@ fn header(map: &HeaderMap, name: &str, alt: Option<&str>, r: &Record) -> Option<
             ":method" => Some(r.method.clone()),
             ":path" => Some(r.path.clone()),
             ":authority" => Some(r.authority.clone()).filter(|a| !a.is_empty()),
-            _ => map.get(n).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+            _ => map
+                .get(n)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
         }
     };
     get(name).or_else(|| alt.and_then(get))
@@ -211,7 +225,9 @@ fn value(t: &Token, r: &Record) -> Option<String> {
         Token::UpstreamHost => r.upstream_host.map(|a| a.to_string()),
         Token::UpstreamCluster => r.upstream_cluster.clone(),
         Token::DownstreamRemoteAddress => r.downstream_remote.map(|a| a.to_string()),
-        Token::DownstreamRemoteAddressWithoutPort => r.downstream_remote.map(|a| a.ip().to_string()),
+        Token::DownstreamRemoteAddressWithoutPort => {
+            r.downstream_remote.map(|a| a.ip().to_string())
+        }
         Token::DownstreamLocalAddress => r.downstream_local.map(|a| a.to_string()),
         Token::RequestedServerName => r.requested_server_name.clone(),
         Token::RouteName => r.route_name.clone(),
@@ -220,7 +236,9 @@ fn value(t: &Token, r: &Record) -> Option<String> {
 }
 
 fn hostname() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_owned())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ`, Envoy's default `%START_TIME%`.
@@ -269,7 +287,9 @@ impl LogFormat {
                         ) => value(t, r)
                             .and_then(|v| v.parse::<u64>().ok())
                             .map_or(serde_json::Value::Null, serde_json::Value::from),
-                        Some(t) => value(t, r).map_or(serde_json::Value::Null, serde_json::Value::from),
+                        Some(t) => {
+                            value(t, r).map_or(serde_json::Value::Null, serde_json::Value::from)
+                        }
                         None => {
                             let mut s = String::new();
                             f.render_into(r, &mut s);
@@ -297,19 +317,28 @@ pub struct AccessLog {
 impl AccessLog {
     /// Opens (appends to) `path` and starts its writer task.
     pub fn open(path: &str, format: LogFormat) -> std::io::Result<Self> {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
         let (tx, mut rx) = mpsc::unbounded_channel::<String>();
-        std::thread::Builder::new().name("access-log".into()).spawn(move || {
-            let mut w = std::io::BufWriter::new(file);
-            while let Some(line) = rx.blocking_recv() {
-                let _ = w.write_all(line.as_bytes());
-                while let Ok(more) = rx.try_recv() {
-                    let _ = w.write_all(more.as_bytes());
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || {
+                let mut w = std::io::BufWriter::new(file);
+                while let Some(line) = rx.blocking_recv() {
+                    let _ = w.write_all(line.as_bytes());
+                    while let Ok(more) = rx.try_recv() {
+                        let _ = w.write_all(more.as_bytes());
+                    }
+                    let _ = w.flush();
                 }
-                let _ = w.flush();
-            }
-        })?;
-        Ok(Self { path: path.to_owned(), format, tx })
+            })?;
+        Ok(Self {
+            path: path.to_owned(),
+            format,
+            tx,
+        })
     }
 
     /// Queues one record.
@@ -335,7 +364,8 @@ mod tests {
             start: Some(UNIX_EPOCH + Duration::from_millis(86_400_123)),
             ..Default::default()
         };
-        r.request_headers.insert("user-agent", http::HeaderValue::from_static("curl"));
+        r.request_headers
+            .insert("user-agent", http::HeaderValue::from_static("curl"));
         let line = f.render(&r);
         assert_eq!(
             line,
@@ -346,6 +376,9 @@ mod tests {
 
     #[test]
     fn unknown_operator_is_rejected() {
-        assert!(matches!(Format::parse("%NOPE%"), Err(FormatError::Unknown(_))));
+        assert!(matches!(
+            Format::parse("%NOPE%"),
+            Err(FormatError::Unknown(_))
+        ));
     }
 }

@@ -22,7 +22,9 @@ pub async fn start(addr: SocketAddr, runtime: Arc<Runtime>) -> std::io::Result<S
     let local = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let rt = runtime.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
@@ -41,13 +43,21 @@ pub async fn start(addr: SocketAddr, runtime: Arc<Runtime>) -> std::io::Result<S
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=UTF-8"));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=UTF-8"),
+    );
     r
 }
 
 fn as_json(v: &serde_json::Value) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(serde_json::to_vec_pretty(v).unwrap_or_default())));
-    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    let mut r = Response::new(Full::new(Bytes::from(
+        serde_json::to_vec_pretty(v).unwrap_or_default(),
+    )));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -66,11 +76,23 @@ fn collect_stats(rt: &Runtime) -> Vec<(String, Stat)> {
     }
     for c in snap.clusters.all() {
         c.stats.render(&c.config.name, &mut out);
-        out.push((format!("cluster.{}.membership_total", c.config.name), Stat::Gauge(c.balancer().hosts().len() as i64)));
+        out.push((
+            format!("cluster.{}.membership_total", c.config.name),
+            Stat::Gauge(c.balancer().hosts().len() as i64),
+        ));
     }
-    out.push(("server.live".into(), Stat::Gauge(i64::from(!rt.is_draining()))));
-    out.push(("server.uptime".into(), Stat::Gauge(rt.started.elapsed().as_secs() as i64)));
-    out.push(("server.concurrency".into(), Stat::Gauge(rt.concurrency as i64)));
+    out.push((
+        "server.live".into(),
+        Stat::Gauge(i64::from(!rt.is_draining())),
+    ));
+    out.push((
+        "server.uptime".into(),
+        Stat::Gauge(rt.started.elapsed().as_secs() as i64),
+    ));
+    out.push((
+        "server.concurrency".into(),
+        Stat::Gauge(rt.concurrency as i64),
+    ));
     // Several HCMs may share a stat prefix: sum them, as Envoy's shared stat names do.
     out.sort_by(|a, b| a.0.cmp(&b.0));
     let mut merged: Vec<(String, Stat)> = Vec::with_capacity(out.len());
@@ -128,8 +150,14 @@ fn handle(rt: &Arc<Runtime>, req: Request<Incoming>) -> Response<Full<Bytes>> {
             rt.start_drain();
             text(StatusCode::OK, "OK\n")
         }
-        (_, "/quitquitquit" | "/drain_listeners") => text(StatusCode::METHOD_NOT_ALLOWED, "This endpoint requires POST\n"),
-        _ => text(StatusCode::NOT_FOUND, "invalid path; see Envoy's admin documentation\n"),
+        (_, "/quitquitquit" | "/drain_listeners") => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "This endpoint requires POST\n",
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "invalid path; see Envoy's admin documentation\n",
+        ),
     }
 }
 
@@ -166,7 +194,10 @@ fn clusters(rt: &Runtime, json_format: bool) -> Response<Full<Bytes>> {
         out.push_str(&format!("{n}::added_via_api::false\n"));
         for h in c.balancer().hosts() {
             let a = h.address;
-            out.push_str(&format!("{n}::{a}::rq_total::{}\n", h.rq_total.load(std::sync::atomic::Ordering::Relaxed)));
+            out.push_str(&format!(
+                "{n}::{a}::rq_total::{}\n",
+                h.rq_total.load(std::sync::atomic::Ordering::Relaxed)
+            ));
             out.push_str(&format!("{n}::{a}::rq_active::{}\n", h.active_requests()));
             out.push_str(&format!("{n}::{a}::weight::{}\n", h.weight));
             out.push_str(&format!("{n}::{a}::zone::{}\n", h.zone));
@@ -204,11 +235,19 @@ fn config_dump(rt: &Runtime) -> serde_json::Value {
     let sr = &snap.bootstrap["static_resources"];
     let listeners: Vec<_> = sr["listeners"]
         .as_array()
-        .map(|ls| ls.iter().map(|l| json!({"listener": l, "last_updated": updated})).collect())
+        .map(|ls| {
+            ls.iter()
+                .map(|l| json!({"listener": l, "last_updated": updated}))
+                .collect()
+        })
         .unwrap_or_default();
     let clusters: Vec<_> = sr["clusters"]
         .as_array()
-        .map(|cs| cs.iter().map(|c| json!({"cluster": c, "last_updated": updated})).collect())
+        .map(|cs| {
+            cs.iter()
+                .map(|c| json!({"cluster": c, "last_updated": updated}))
+                .collect()
+        })
         .unwrap_or_default();
     json!({"configs": [
         {"@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump", "bootstrap": snap.bootstrap, "last_updated": updated},

@@ -64,7 +64,13 @@ impl ProxyBody {
     }
 
     fn new(kind: Kind) -> Self {
-        Self { kind, sent: 0, pool: None, completion: None, _active: None }
+        Self {
+            kind,
+            sent: 0,
+            pool: None,
+            completion: None,
+            _active: None,
+        }
     }
 
     /// Attaches the access-log completion.

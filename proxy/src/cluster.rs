@@ -140,7 +140,11 @@ impl Cluster {
             Vec::new()
         };
         let balancer = Balancer::new(config.lb, hosts);
-        Self { config, balancer: ArcSwap::from_pointee(balancer), stats: ClusterStats::default() }
+        Self {
+            config,
+            balancer: ArcSwap::from_pointee(balancer),
+            stats: ClusterStats::default(),
+        }
     }
 
     /// The current balancer (and so host set).
@@ -163,9 +167,13 @@ impl Cluster {
             })
             .collect();
         let unchanged = hosts.len() == current.hosts().len()
-            && hosts.iter().zip(current.hosts()).all(|(a, b)| Arc::ptr_eq(a, b));
+            && hosts
+                .iter()
+                .zip(current.hosts())
+                .all(|(a, b)| Arc::ptr_eq(a, b));
         if !unchanged {
-            self.balancer.store(Arc::new(Balancer::new(self.config.lb, hosts)));
+            self.balancer
+                .store(Arc::new(Balancer::new(self.config.lb, hosts)));
         }
     }
 

@@ -13,7 +13,10 @@ use legate_filters::{FilterStatus, HttpFilter, LocalReply, RequestContext, Route
 use crate::accesslog::{AccessLog, Record};
 use crate::body::{Completion, ProxyBody};
 use crate::lb::hash64;
-use crate::route::{ClusterTarget, ForwardAction, HashPolicy, PathMatch, RedirectAction, Route, RouteAction, RouteTable, VirtualHost};
+use crate::route::{
+    ClusterTarget, ForwardAction, HashPolicy, PathMatch, RedirectAction, Route, RouteAction,
+    RouteTable, VirtualHost,
+};
 use crate::server::Runtime;
 use crate::stats::HttpStats;
 
@@ -49,6 +52,7 @@ pub struct HcmConfig {
     pub xff_num_trusted_hops: u32,
     pub skip_xff_append: bool,
     pub generate_request_id: bool,
+    pub always_set_request_id_in_response: bool,
     pub server_name: HeaderValue,
     pub server_header: ServerHeader,
     pub access_logs: Arc<[AccessLog]>,
@@ -73,7 +77,8 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_ENVOY_INTERNAL: HeaderName = HeaderName::from_static("x-envoy-internal");
-const X_ENVOY_EXPECTED_TIMEOUT: HeaderName = HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
+const X_ENVOY_EXPECTED_TIMEOUT: HeaderName =
+    HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
 const X_ENVOY_UPSTREAM_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
 const X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -89,11 +94,45 @@ struct Stream<'a> {
     details: &'static str,
     /// Filters whose request phase ran, for the response phase.
     ran_filters: usize,
+    /// A gRPC request gets its local replies as gRPC statuses.
+    grpc: bool,
+    /// The request id, when `always_set_request_id_in_response` wants it echoed.
+    request_id: Option<HeaderValue>,
 }
 
 /// Serves one request.
-pub async fn handle(conn: Arc<ConnInfo>, req: Request<Incoming>) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+pub async fn handle(
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Rejected> {
     let hcm = &conn.hcm;
+    let limit = hcm.max_request_headers_kb as usize * 1024;
+    if headers_size(&req) > limit {
+        hcm.stats.rq_total.inc();
+        if req.version() == Version::HTTP_2 {
+            // Envoy resets an HTTP/2 stream whose headers are over the limit.
+            return Err(Rejected("request headers too large"));
+        }
+        let mut resp = Response::new(ProxyBody::empty());
+        *resp.status_mut() = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        hcm.stats.rq_classes.record(431);
+        return Ok(resp);
+    }
+    if req.version() != Version::HTTP_2
+        && req.headers().contains_key(header::CONTENT_LENGTH)
+        && req.headers().contains_key(header::TRANSFER_ENCODING)
+    {
+        // RFC 9112 §6.3: a request smuggling vector. Envoy answers 400 and closes.
+        hcm.stats.rq_total.inc();
+        hcm.stats.rq_classes.record(400);
+        let mut resp = Response::new(ProxyBody::empty());
+        *resp.status_mut() = StatusCode::BAD_REQUEST;
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Ok(resp);
+    }
     hcm.stats.rq_total.inc();
     hcm.stats.rq_active.inc();
     let mut stream = Stream {
@@ -110,6 +149,11 @@ pub async fn handle(conn: Arc<ConnInfo>, req: Request<Incoming>) -> Result<Respo
         flags: "",
         details: "",
         ran_filters: 0,
+        grpc: req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
+        request_id: None,
     };
     let fut = stream.run(req);
     let mut resp = match hcm.request_timeout {
@@ -119,7 +163,10 @@ pub async fn handle(conn: Arc<ConnInfo>, req: Request<Incoming>) -> Result<Respo
                 hcm.stats.rq_timeout.inc();
                 stream.flags = "";
                 stream.details = "request_overall_timeout";
-                stream.local(LocalReply::new(StatusCode::REQUEST_TIMEOUT, "request timeout"))
+                stream.local(LocalReply::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request timeout",
+                ))
             }
         },
         None => fut.await,
@@ -128,6 +175,22 @@ pub async fn handle(conn: Arc<ConnInfo>, req: Request<Incoming>) -> Result<Respo
     hcm.stats.rq_active.dec();
     stream.finish(&mut resp);
     Ok(resp)
+}
+
+/// A request refused at the codec level; HTTP/2 resets the stream, HTTP/1.1 closes.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Rejected(&'static str);
+
+/// Bytes of request headers as Envoy counts them against `max_request_headers_kb`.
+fn headers_size<B>(req: &Request<B>) -> usize {
+    let pseudo =
+        req.method().as_str().len() + req.uri().path_and_query().map_or(1, |p| p.as_str().len());
+    req.headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum::<usize>()
+        + pseudo
 }
 
 fn protocol_name(v: Version) -> &'static str {
@@ -144,7 +207,12 @@ fn authority(req: &Request<Incoming>) -> String {
     req.uri()
         .authority()
         .map(|a| a.as_str().to_owned())
-        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
         .unwrap_or_default()
 }
 
@@ -183,7 +251,11 @@ impl Stream<'_> {
                 start: Some(SystemTime::now()),
                 request_headers: req.headers().clone(),
                 method: req.method().as_str().to_owned(),
-                path: req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default(),
+                path: req
+                    .uri()
+                    .path_and_query()
+                    .map(|p| p.as_str().to_owned())
+                    .unwrap_or_default(),
                 authority: host.clone(),
                 protocol: protocol_name(req.version()),
                 downstream_remote: Some(conn.remote),
@@ -194,7 +266,12 @@ impl Stream<'_> {
         }
 
         let table = &hcm.routes;
-        let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_owned();
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_owned();
         let Some(vh) = table.virtual_host(&host) else {
             return self.no_route();
         };
@@ -217,7 +294,8 @@ impl Stream<'_> {
                 self.details = "direct_response";
                 let mut r = LocalReply::new(*status, body.clone().unwrap_or_default());
                 if body.is_some() {
-                    r.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+                    r.headers
+                        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
                 }
                 let mut resp = self.local(r);
                 self.response_headers(route, vh, table, None, resp.headers_mut());
@@ -228,13 +306,15 @@ impl Stream<'_> {
                 self.response_headers(route, vh, table, None, resp.headers_mut());
                 return resp;
             }
-            RouteAction::Forward(fwd) => self.forward(fwd, route, vh, table, req, &host, &path).await,
+            RouteAction::Forward(fwd) => {
+                self.forward(fwd, route, vh, table, req, &host, &path).await
+            }
         };
         resp
     }
 
     /// Envoy's edge handling of forwarding headers and request ids.
-    fn edge_headers(&self, h: &mut HeaderMap) {
+    fn edge_headers(&mut self, h: &mut HeaderMap) {
         let conn = self.conn;
         let hcm = &conn.hcm;
         let scheme = if conn.tls { "https" } else { "http" };
@@ -250,7 +330,10 @@ impl Stream<'_> {
                     h.insert(X_FORWARDED_FOR, v);
                 }
             }
-            if is_internal(conn.remote.ip()) && h.get(&X_FORWARDED_FOR).is_some_and(|v| !v.as_bytes().contains(&b',')) {
+            if is_internal(conn.remote.ip())
+                && h.get(&X_FORWARDED_FOR)
+                    .is_some_and(|v| !v.as_bytes().contains(&b','))
+            {
                 h.insert(X_ENVOY_INTERNAL, HeaderValue::from_static("true"));
             } else {
                 h.remove(X_ENVOY_INTERNAL);
@@ -260,6 +343,9 @@ impl Stream<'_> {
         }
         if hcm.generate_request_id && !h.contains_key(&X_REQUEST_ID) {
             h.insert(X_REQUEST_ID, request_id());
+        }
+        if hcm.always_set_request_id_in_response {
+            self.request_id = h.get(&X_REQUEST_ID).cloned();
         }
     }
 
@@ -275,8 +361,11 @@ impl Stream<'_> {
         if let Some(f) = r.response_flag {
             self.flags = f;
         }
-        if !r.body.is_empty() && !r.headers.contains_key(header::CONTENT_TYPE) {
-            r.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        if self.grpc {
+            r = grpc_local_reply(r);
+        } else if !r.body.is_empty() && !r.headers.contains_key(header::CONTENT_TYPE) {
+            r.headers
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         }
         let mut resp = Response::new(ProxyBody::full(r.body));
         *resp.status_mut() = r.status;
@@ -303,7 +392,13 @@ impl Stream<'_> {
         Response::from_parts(parts, body)
     }
 
-    fn redirect(&mut self, rd: &RedirectAction, route: &Route, host: &str, path: &str) -> Response<ProxyBody> {
+    fn redirect(
+        &mut self,
+        rd: &RedirectAction,
+        route: &Route,
+        host: &str,
+        path: &str,
+    ) -> Response<ProxyBody> {
         self.details = "direct_response";
         let orig_scheme = if self.conn.tls { "https" } else { "http" };
         let scheme = rd.scheme.as_deref().unwrap_or(orig_scheme);
@@ -311,7 +406,9 @@ impl Stream<'_> {
         let mut new_host = rd.host.clone().unwrap_or_else(|| orig_host.to_owned());
         let port = match rd.port {
             Some(p) => Some(p.to_string()),
-            None if rd.host.is_some() && rd.host.as_deref().is_some_and(|h| h.contains(':')) => None,
+            None if rd.host.is_some() && rd.host.as_deref().is_some_and(|h| h.contains(':')) => {
+                None
+            }
             None if rd.scheme.is_some() && scheme != orig_scheme => None,
             None => orig_port.map(str::to_owned),
         };
@@ -365,7 +462,11 @@ impl Stream<'_> {
         let (cluster_name, weighted) = match &fwd.target {
             ClusterTarget::Named(n) => (n.clone(), None),
             ClusterTarget::Header(h) => (
-                req.headers().get(h).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned(),
+                req.headers()
+                    .get(h)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned(),
                 None,
             ),
             ClusterTarget::Weighted { clusters, total } => {
@@ -392,7 +493,10 @@ impl Stream<'_> {
             hcm.stats.no_cluster.inc();
             self.flags = "NC";
             self.details = "cluster_not_found";
-            return self.local(LocalReply::new(fwd.cluster_not_found_status, bytes::Bytes::new()));
+            return self.local(LocalReply::new(
+                fwd.cluster_not_found_status,
+                bytes::Bytes::new(),
+            ));
         };
         drop(snapshot);
 
@@ -402,7 +506,10 @@ impl Stream<'_> {
             cluster.stats.cx_none_healthy.inc();
             self.flags = "UH";
             self.details = "no_healthy_upstream";
-            return self.local(LocalReply::new(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"));
+            return self.local(LocalReply::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no healthy upstream",
+            ));
         };
         drop(balancer);
         if let Some(r) = &mut self.record {
@@ -417,10 +524,11 @@ impl Stream<'_> {
         let new_path = if let Some(prefix) = &fwd.prefix_rewrite {
             let matched = matched_prefix_len(route);
             let rest = &p[matched.min(p.len())..];
-            let joined = if prefix.ends_with('/') && rest.starts_with('/') { format!("{prefix}{}", &rest[1..]) } else { format!("{prefix}{rest}") };
-            Some(format!("{joined}{q}"))
+            Some(format!("{prefix}{rest}{q}"))
         } else {
-            fwd.regex_rewrite.as_ref().map(|(re, sub)| format!("{}{q}", re.replace_all(p, sub.as_str())))
+            fwd.regex_rewrite
+                .as_ref()
+                .map(|(re, sub)| format!("{}{q}", re.replace_all(p, sub.as_str())))
         };
         let headers = req.headers_mut();
         if new_path.is_some() {
@@ -440,13 +548,18 @@ impl Stream<'_> {
             }
         }
         // Header mutations: most specific level first, so outer levels win on overwrite.
-        if let Some(w) = weighted {
-            w.request_headers.apply(headers);
-        }
-        route.request_headers.apply(headers);
-        vh.request_headers.apply(headers);
-        table.request_headers.apply(headers);
+        table.apply_levels(
+            [
+                weighted.map(|w| &w.request_headers),
+                Some(&route.request_headers),
+                Some(&vh.request_headers),
+                Some(&table.request_headers),
+            ],
+            headers,
+        );
 
+        // The codec already answered `Expect: 100-continue`; Envoy does not forward it.
+        headers.remove(header::EXPECT);
         let upgrade = is_websocket(headers) && fwd.websocket.unwrap_or(hcm.websocket);
         strip_hop_by_hop(headers, upgrade);
         if !hcm.router.suppress_envoy_headers {
@@ -459,9 +572,18 @@ impl Stream<'_> {
         let pq = new_path.as_deref().unwrap_or(path);
         let uri = match Uri::builder().path_and_query(pq).build() {
             Ok(u) => u,
-            Err(_) => return self.local(LocalReply::new(StatusCode::BAD_REQUEST, bytes::Bytes::new())),
+            Err(_) => {
+                return self.local(LocalReply::new(
+                    StatusCode::BAD_REQUEST,
+                    bytes::Bytes::new(),
+                ))
+            }
         };
-        let downstream_upgrade = if upgrade { Some(hyper::upgrade::on(&mut req)) } else { None };
+        let downstream_upgrade = if upgrade {
+            Some(hyper::upgrade::on(&mut req))
+        } else {
+            None
+        };
         let (mut parts, body) = req.into_parts();
         parts.uri = uri;
         if let Ok(v) = HeaderValue::from_str(&upstream_authority) {
@@ -489,11 +611,17 @@ impl Stream<'_> {
                         cluster.stats.rq_timeout.inc();
                         self.flags = "UT";
                         self.details = "upstream_response_timeout";
-                        return self.local(LocalReply::new(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"));
+                        return self.local(LocalReply::new(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "upstream request timeout",
+                        ));
                     }
                     hcm.stats.rq_idle_timeout.inc();
                     self.details = "stream_idle_timeout";
-                    return self.local(LocalReply::new(StatusCode::REQUEST_TIMEOUT, "stream timeout"));
+                    return self.local(LocalReply::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "stream timeout",
+                    ));
                 }
             },
             None => send.await,
@@ -551,12 +679,15 @@ impl Stream<'_> {
         weighted: Option<&crate::route::WeightedCluster>,
         headers: &mut HeaderMap,
     ) {
-        if let Some(w) = weighted {
-            w.response_headers.apply(headers);
-        }
-        route.response_headers.apply(headers);
-        vh.response_headers.apply(headers);
-        table.response_headers.apply(headers);
+        table.apply_levels(
+            [
+                weighted.map(|w| &w.response_headers),
+                Some(&route.response_headers),
+                Some(&vh.response_headers),
+                Some(&table.response_headers),
+            ],
+            headers,
+        );
     }
 
     /// Final touches on every response, and the access-log hook.
@@ -573,6 +704,9 @@ impl Stream<'_> {
                 }
             }
             ServerHeader::PassThrough => {}
+        }
+        if let Some(id) = self.request_id.take() {
+            h.insert(X_REQUEST_ID, id);
         }
         if let Some(mut record) = self.record.take() {
             record.response_code = resp.status().as_u16();
@@ -592,6 +726,44 @@ impl Stream<'_> {
             })));
         }
     }
+}
+
+/// Envoy turns a local reply to a gRPC request into a trailers-only gRPC response.
+fn grpc_local_reply(mut r: LocalReply) -> LocalReply {
+    let code = match r.status.as_u16() {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    };
+    r.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    r.headers.insert(
+        HeaderName::from_static("grpc-status"),
+        HeaderValue::from(code),
+    );
+    if !r.body.is_empty() {
+        let msg: String = String::from_utf8_lossy(&r.body)
+            .bytes()
+            .map(|b| {
+                if (0x20..0x7f).contains(&b) && b != b'%' {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect();
+        if let Ok(v) = HeaderValue::from_str(&msg) {
+            r.headers.insert(HeaderName::from_static("grpc-message"), v);
+        }
+    }
+    r.status = StatusCode::OK;
+    r.body = bytes::Bytes::new();
+    r
 }
 
 /// Length of the path the route's match consumed, for `prefix_rewrite`.
@@ -616,7 +788,9 @@ fn split_host_port(host: &str) -> (&str, Option<&str>) {
 }
 
 fn is_websocket(h: &HeaderMap) -> bool {
-    h.get(header::UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+    h.get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
@@ -627,7 +801,9 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     h.remove(KEEP_ALIVE);
     h.remove(PROXY_CONNECTION);
     h.remove(header::TRANSFER_ENCODING);
-    if h.get(header::TE).is_some_and(|v| v.as_bytes() != b"trailers") {
+    if h.get(header::TE)
+        .is_some_and(|v| v.as_bytes() != b"trailers")
+    {
         h.remove(header::TE);
     }
 }
@@ -636,7 +812,9 @@ fn compute_hash(policies: &[HashPolicy], headers: &HeaderMap, remote: SocketAddr
     let mut acc: Option<u64> = None;
     for p in policies {
         let (h, terminal) = match p {
-            HashPolicy::Header { name, terminal } => (headers.get(name).map(|v| hash64(v.as_bytes())), *terminal),
+            HashPolicy::Header { name, terminal } => {
+                (headers.get(name).map(|v| hash64(v.as_bytes())), *terminal)
+            }
             HashPolicy::Cookie { name, terminal } => (
                 headers
                     .get_all(header::COOKIE)
@@ -647,7 +825,9 @@ fn compute_hash(policies: &[HashPolicy], headers: &HeaderMap, remote: SocketAddr
                     .map(|v| hash64(v.as_bytes())),
                 *terminal,
             ),
-            HashPolicy::SourceIp { terminal } => (Some(hash64(remote.ip().to_string().as_bytes())), *terminal),
+            HashPolicy::SourceIp { terminal } => {
+                (Some(hash64(remote.ip().to_string().as_bytes())), *terminal)
+            }
         };
         if let Some(h) = h {
             acc = Some(match acc {

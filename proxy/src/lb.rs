@@ -28,8 +28,13 @@ pub struct Balancer {
 
 #[derive(Debug)]
 enum Kind {
-    RoundRobin { order: Vec<u32>, cursor: AtomicUsize },
-    LeastRequest { choice_count: u32 },
+    RoundRobin {
+        order: Vec<u32>,
+        cursor: AtomicUsize,
+    },
+    LeastRequest {
+        choice_count: u32,
+    },
     Random,
     /// Sorted (hash, host index).
     Ring(Vec<(u64, u32)>),
@@ -66,7 +71,10 @@ impl Balancer {
                 let g = hosts.iter().map(|h| h.weight.max(1)).fold(0, gcd).max(1);
                 // Interleave by weight so that heavier hosts are spread, not clustered.
                 let mut credits: Vec<i64> = vec![0; hosts.len()];
-                let weights: Vec<i64> = hosts.iter().map(|h| i64::from(h.weight.max(1) / g)).collect();
+                let weights: Vec<i64> = hosts
+                    .iter()
+                    .map(|h| i64::from(h.weight.max(1) / g))
+                    .collect();
                 let total: i64 = weights.iter().sum();
                 let steps = usize::try_from(total.min(65_536)).unwrap_or(1);
                 let mut order = Vec::with_capacity(steps);
@@ -83,11 +91,16 @@ impl Balancer {
                     credits[best] -= total;
                     order.push(u32::try_from(best).unwrap_or(0));
                 }
-                Kind::RoundRobin { order, cursor: AtomicUsize::new(0) }
+                Kind::RoundRobin {
+                    order,
+                    cursor: AtomicUsize::new(0),
+                }
             }
             LbPolicy::LeastRequest { choice_count } => Kind::LeastRequest { choice_count },
             LbPolicy::Random => Kind::Random,
-            LbPolicy::RingHash { min_ring, max_ring } => Kind::Ring(build_ring(&hosts, min_ring, max_ring)),
+            LbPolicy::RingHash { min_ring, max_ring } => {
+                Kind::Ring(build_ring(&hosts, min_ring, max_ring))
+            }
             LbPolicy::Maglev { table_size } => Kind::Maglev(build_maglev(&hosts, table_size)),
         };
         Self { hosts, kind }
@@ -124,7 +137,9 @@ impl Balancer {
             Kind::Ring(ring) => {
                 let h = hash.unwrap_or_else(|| rand::rng().random());
                 let pos = ring.partition_point(|(k, _)| *k < h);
-                ring.get(pos).or(ring.first()).map_or(0, |(_, i)| *i as usize)
+                ring.get(pos)
+                    .or(ring.first())
+                    .map_or(0, |(_, i)| *i as usize)
             }
             Kind::Maglev(table) => {
                 let h = hash.unwrap_or_else(|| rand::rng().random());
@@ -141,7 +156,8 @@ fn build_ring(hosts: &[Arc<Host>], min_ring: u64, max_ring: u64) -> Vec<(u64, u3
         return Vec::new();
     }
     let total_weight: u64 = hosts.iter().map(|h| u64::from(h.weight.max(1))).sum();
-    let min_w = hosts.iter().map(|h| h.weight.max(1)).min().unwrap_or(1) as f64 / total_weight as f64;
+    let min_w =
+        hosts.iter().map(|h| h.weight.max(1)).min().unwrap_or(1) as f64 / total_weight as f64;
     let scale = ((min_ring as f64 * (min_w * hosts.len() as f64)).ceil() / min_w)
         .min(max_ring as f64)
         .max(min_ring as f64);
@@ -169,7 +185,8 @@ fn build_maglev(hosts: &[Arc<Host>], table_size: u64) -> Vec<u32> {
         .map(|h| {
             let key = h.address.to_string();
             let offset = (hash64(key.as_bytes()) % m as u64) as usize;
-            let skip = (hash64(format!("{key}#skip").as_bytes()) % (m as u64 - 1).max(1)) as usize + 1;
+            let skip =
+                (hash64(format!("{key}#skip").as_bytes()) % (m as u64 - 1).max(1)) as usize + 1;
             (offset, skip)
         })
         .collect();

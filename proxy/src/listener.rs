@@ -66,7 +66,11 @@ impl ListenerConfig {
         let mut cands: Vec<&Arc<FilterChain>> = Vec::new();
         if let Some(sni) = &d.sni {
             let sni = sni.to_ascii_lowercase();
-            cands = self.chains.iter().filter(|c| c.matcher.server_names.contains(&sni)).collect();
+            cands = self
+                .chains
+                .iter()
+                .filter(|c| c.matcher.server_names.contains(&sni))
+                .collect();
             if cands.is_empty() {
                 let mut best = 0;
                 for c in &self.chains {
@@ -87,7 +91,11 @@ impl ListenerConfig {
             }
         }
         if cands.is_empty() {
-            cands = self.chains.iter().filter(|c| c.matcher.server_names.is_empty()).collect();
+            cands = self
+                .chains
+                .iter()
+                .filter(|c| c.matcher.server_names.is_empty())
+                .collect();
         }
         let exact: Vec<_> = cands
             .iter()
@@ -95,17 +103,28 @@ impl ListenerConfig {
             .filter(|c| c.matcher.transport_protocol.as_deref() == Some(transport))
             .collect();
         let cands: Vec<_> = if exact.is_empty() {
-            cands.into_iter().filter(|c| c.matcher.transport_protocol.is_none()).collect()
+            cands
+                .into_iter()
+                .filter(|c| c.matcher.transport_protocol.is_none())
+                .collect()
         } else {
             exact
         };
         let alpn: Vec<_> = cands
             .iter()
             .copied()
-            .filter(|c| c.matcher.application_protocols.iter().any(|p| d.alpn.contains(p)))
+            .filter(|c| {
+                c.matcher
+                    .application_protocols
+                    .iter()
+                    .any(|p| d.alpn.contains(p))
+            })
             .collect();
         let mut cands = if alpn.is_empty() {
-            cands.into_iter().filter(|c| c.matcher.application_protocols.is_empty()).collect()
+            cands
+                .into_iter()
+                .filter(|c| c.matcher.application_protocols.is_empty())
+                .collect()
         } else {
             alpn
         };
@@ -127,7 +146,11 @@ pub struct BoundListener {
 /// Binds a listener's socket (with `SO_REUSEADDR`, dual-stack off for IPv6).
 pub fn bind(config: Arc<ListenerConfig>) -> std::io::Result<BoundListener> {
     let addr = config.address;
-    let domain = if addr.is_ipv6() { socket2::Domain::IPV6 } else { socket2::Domain::IPV4 };
+    let domain = if addr.is_ipv6() {
+        socket2::Domain::IPV6
+    } else {
+        socket2::Domain::IPV4
+    };
     let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     s.set_reuse_address(true)?;
     if addr.is_ipv6() {
@@ -141,7 +164,11 @@ pub fn bind(config: Arc<ListenerConfig>) -> std::io::Result<BoundListener> {
 }
 
 /// Accepts connections until `drain` turns true.
-pub async fn serve(listener: BoundListener, runtime: Arc<Runtime>, mut drain: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: BoundListener,
+    runtime: Arc<Runtime>,
+    mut drain: watch::Receiver<bool>,
+) {
     let local = listener.socket.local_addr().ok();
     loop {
         let accepted = tokio::select! {
@@ -175,16 +202,27 @@ async fn inspect(stream: &TcpStream) -> std::io::Result<Detected> {
     loop {
         let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
             .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "listener filter timeout"))??;
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "listener filter timeout")
+            })??;
         if n == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
         match crate::tls_inspector::parse_client_hello(&buf[..n]) {
             crate::tls_inspector::Parse::NotTls => return Ok(Detected::default()),
-            crate::tls_inspector::Parse::Hello { sni, alpn } => return Ok(Detected { tls: true, sni, alpn }),
+            crate::tls_inspector::Parse::Hello { sni, alpn } => {
+                return Ok(Detected {
+                    tls: true,
+                    sni,
+                    alpn,
+                })
+            }
             crate::tls_inspector::Parse::NeedMore => {
                 if n == buf.len() {
-                    return Ok(Detected { tls: true, ..Default::default() });
+                    return Ok(Detected {
+                        tls: true,
+                        ..Default::default()
+                    });
                 }
                 stream.readable().await?;
             }
@@ -200,7 +238,11 @@ async fn connection(
     runtime: Arc<Runtime>,
     drain: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let detected = if config.tls_inspector { inspect(&stream).await? } else { Detected::default() };
+    let detected = if config.tls_inspector {
+        inspect(&stream).await?
+    } else {
+        Detected::default()
+    };
     let Some(chain) = config.select(&detected) else {
         tracing::debug!(%remote, "no matching filter chain");
         return Ok(());
@@ -223,7 +265,10 @@ async fn connection(
             if let Some(sans) = &sans {
                 if !sans.matches(&tls.san_matchers) {
                     active.dec();
-                    return Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "client certificate SAN mismatch"));
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::PermissionDenied,
+                        "client certificate SAN mismatch",
+                    ));
                 }
             } else if !tls.san_matchers.is_empty() {
                 active.dec();
@@ -242,7 +287,15 @@ async fn connection(
             serve_http(s, Arc::new(info), codec, drain).await
         }
         None => {
-            let info = ConnInfo { remote, local, tls: false, sni: detected.sni, peer_principals: Vec::new(), hcm, runtime };
+            let info = ConnInfo {
+                remote,
+                local,
+                tls: false,
+                sni: detected.sni,
+                peer_principals: Vec::new(),
+                hcm,
+                runtime,
+            };
             let codec = info.hcm.codec;
             serve_http(stream, Arc::new(info), codec, drain).await
         }
@@ -251,7 +304,12 @@ async fn connection(
     result
 }
 
-async fn serve_http<S>(io: S, info: Arc<ConnInfo>, codec: Codec, mut drain: watch::Receiver<bool>) -> std::io::Result<()>
+async fn serve_http<S>(
+    io: S,
+    info: Arc<ConnInfo>,
+    codec: Codec,
+    mut drain: watch::Receiver<bool>,
+) -> std::io::Result<()>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {

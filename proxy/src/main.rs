@@ -9,7 +9,11 @@ use legate_proxy::config;
 use legate_proxy::server::{self, ServeOptions};
 
 #[derive(Debug, Parser)]
-#[command(name = "legate", version, about = "Legate: an Envoy-compatible L7 proxy")]
+#[command(
+    name = "legate",
+    version,
+    about = "Legate: an Envoy-compatible L7 proxy"
+)]
 struct Args {
     /// Bootstrap file (YAML or JSON, Envoy v3 API).
     #[arg(short = 'c', long = "config-path")]
@@ -71,7 +75,10 @@ fn init_logging(level: &str) -> anyhow::Result<()> {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("LEGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     Ok(())
 }
 
@@ -89,7 +96,10 @@ fn real_main() -> anyhow::Result<std::process::ExitCode> {
     let args = Args::parse();
     init_logging(&args.log_level)?;
     if args.restart_epoch != 0 {
-        anyhow::bail!("--restart-epoch {}: hot restart is not available in this build", args.restart_epoch);
+        anyhow::bail!(
+            "--restart-epoch {}: hot restart is not available in this build",
+            args.restart_epoch
+        );
     }
     let _ = (args.disable_hot_restart, args.base_id);
     let mut json = match &args.config_path {
@@ -112,7 +122,10 @@ fn real_main() -> anyhow::Result<std::process::ExitCode> {
         merge(&mut json, serde_json::json!({"node": {"cluster": cluster}}));
     }
     let registry = FilterRegistry::with_builtins();
-    let name = args.config_path.clone().unwrap_or_else(|| "--config-yaml".into());
+    let name = args
+        .config_path
+        .clone()
+        .unwrap_or_else(|| "--config-yaml".into());
     let validate = args.mode == "validate";
     if !validate && args.mode != "serve" {
         anyhow::bail!("--mode {}: expected serve or validate", args.mode);
@@ -136,7 +149,10 @@ fn real_main() -> anyhow::Result<std::process::ExitCode> {
         println!("configuration '{name}' OK");
         return Ok(std::process::ExitCode::SUCCESS);
     }
-    let concurrency = args.concurrency.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+    let concurrency = args
+        .concurrency
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(concurrency)
         .enable_all()

@@ -23,6 +23,8 @@ pub struct RouteTable {
     any: Option<usize>,
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
+    /// `most_specific_header_mutations_wins`: apply outer levels first, so inner ones win.
+    pub most_specific_wins: bool,
 }
 
 /// A virtual host.
@@ -151,9 +153,10 @@ impl HeaderMatcher {
                 return false;
             }
             (HeaderMatchKind::String(m), Some(v)) => m.matches(v),
-            (HeaderMatchKind::Range { start, end }, Some(v)) => {
-                v.trim().parse::<i64>().is_ok_and(|n| n >= *start && n < *end)
-            }
+            (HeaderMatchKind::Range { start, end }, Some(v)) => v
+                .trim()
+                .parse::<i64>()
+                .is_ok_and(|n| n >= *start && n < *end),
         };
         result != self.invert
     }
@@ -172,7 +175,10 @@ pub struct QueryMatcher {
 pub enum RouteAction {
     Forward(ForwardAction),
     Redirect(RedirectAction),
-    Direct { status: StatusCode, body: Option<bytes::Bytes> },
+    Direct {
+        status: StatusCode,
+        body: Option<bytes::Bytes>,
+    },
 }
 
 /// Which cluster a forwarding route picks.
@@ -180,7 +186,10 @@ pub enum RouteAction {
 pub enum ClusterTarget {
     Named(String),
     Header(HeaderName),
-    Weighted { clusters: Vec<WeightedCluster>, total: u64 },
+    Weighted {
+        clusters: Vec<WeightedCluster>,
+        total: u64,
+    },
 }
 
 /// One entry of `weighted_clusters`.
@@ -279,6 +288,20 @@ impl HeaderOps {
 }
 
 impl RouteTable {
+    /// Applies the header mutations of every level in Envoy's order: the most specific level
+    /// first unless `most_specific_header_mutations_wins`, in which case it goes last.
+    pub fn apply_levels(&self, levels: [Option<&HeaderOps>; 4], headers: &mut HeaderMap) {
+        if self.most_specific_wins {
+            for ops in levels.iter().rev().flatten() {
+                ops.apply(headers);
+            }
+        } else {
+            for ops in levels.iter().flatten() {
+                ops.apply(headers);
+            }
+        }
+    }
+
     /// Builds the domain index. Domains must already be lowercased and validated.
     pub fn new(
         name: String,
@@ -361,7 +384,9 @@ impl VirtualHost {
         };
         // The fragment is never part of matching.
         let path = path.split('#').next().unwrap_or(path);
-        self.routes.iter().find(|r| r.matcher.matches(path, query, headers))
+        self.routes
+            .iter()
+            .find(|r| r.matcher.matches(path, query, headers))
     }
 }
 

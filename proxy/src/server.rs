@@ -83,8 +83,9 @@ pub async fn run(bootstrap: Bootstrap, opts: ServeOptions) -> anyhow::Result<()>
     let clusters = Arc::new(ClusterManager::new(bootstrap.clusters));
     let mut bound = Vec::new();
     for l in &bootstrap.listeners {
-        let b = crate::listener::bind(l.clone())
-            .map_err(|e| anyhow::anyhow!("cannot bind listener {} on {}: {e}", l.name, l.address))?;
+        let b = crate::listener::bind(l.clone()).map_err(|e| {
+            anyhow::anyhow!("cannot bind listener {} on {}: {e}", l.name, l.address)
+        })?;
         let addr = b.socket.local_addr()?;
         bound.push(b);
         tracing::info!(listener = %l.name, %addr, "listening");

@@ -49,7 +49,10 @@ impl StatusClasses {
     }
     fn render(&self, prefix: &str, name: &str, out: &mut Vec<(String, Stat)>) {
         for (i, c) in self.0.iter().enumerate() {
-            out.push((format!("{prefix}{name}_{}xx", i + 1), Stat::Counter(c.get())));
+            out.push((
+                format!("{prefix}{name}_{}xx", i + 1),
+                Stat::Counter(c.get()),
+            ));
         }
     }
 }
@@ -92,30 +95,75 @@ pub enum Stat {
 impl HttpStats {
     pub fn render(&self, stat_prefix: &str, out: &mut Vec<(String, Stat)>) {
         let p = format!("http.{stat_prefix}.");
-        out.push((format!("{p}downstream_rq_total"), Stat::Counter(self.rq_total.get())));
+        out.push((
+            format!("{p}downstream_rq_total"),
+            Stat::Counter(self.rq_total.get()),
+        ));
         self.rq_classes.render(&p, "downstream_rq", out);
-        out.push((format!("{p}downstream_rq_active"), Stat::Gauge(self.rq_active.get())));
-        out.push((format!("{p}downstream_cx_total"), Stat::Counter(self.cx_total.get())));
-        out.push((format!("{p}downstream_cx_active"), Stat::Gauge(self.cx_active.get())));
-        out.push((format!("{p}downstream_rq_timeout"), Stat::Counter(self.rq_timeout.get())));
-        out.push((format!("{p}downstream_rq_idle_timeout"), Stat::Counter(self.rq_idle_timeout.get())));
+        out.push((
+            format!("{p}downstream_rq_active"),
+            Stat::Gauge(self.rq_active.get()),
+        ));
+        out.push((
+            format!("{p}downstream_cx_total"),
+            Stat::Counter(self.cx_total.get()),
+        ));
+        out.push((
+            format!("{p}downstream_cx_active"),
+            Stat::Gauge(self.cx_active.get()),
+        ));
+        out.push((
+            format!("{p}downstream_rq_timeout"),
+            Stat::Counter(self.rq_timeout.get()),
+        ));
+        out.push((
+            format!("{p}downstream_rq_idle_timeout"),
+            Stat::Counter(self.rq_idle_timeout.get()),
+        ));
         out.push((format!("{p}no_route"), Stat::Counter(self.no_route.get())));
-        out.push((format!("{p}no_cluster"), Stat::Counter(self.no_cluster.get())));
+        out.push((
+            format!("{p}no_cluster"),
+            Stat::Counter(self.no_cluster.get()),
+        ));
     }
 }
 
 impl ClusterStats {
     pub fn render(&self, name: &str, out: &mut Vec<(String, Stat)>) {
         let p = format!("cluster.{name}.");
-        out.push((format!("{p}upstream_rq_total"), Stat::Counter(self.rq_total.get())));
+        out.push((
+            format!("{p}upstream_rq_total"),
+            Stat::Counter(self.rq_total.get()),
+        ));
         self.rq_classes.render(&p, "upstream_rq", out);
-        out.push((format!("{p}upstream_rq_active"), Stat::Gauge(self.rq_active.get())));
-        out.push((format!("{p}upstream_rq_timeout"), Stat::Counter(self.rq_timeout.get())));
-        out.push((format!("{p}upstream_cx_total"), Stat::Counter(self.cx_total.get())));
-        out.push((format!("{p}upstream_cx_active"), Stat::Gauge(self.cx_active.get())));
-        out.push((format!("{p}upstream_cx_connect_fail"), Stat::Counter(self.cx_connect_fail.get())));
-        out.push((format!("{p}upstream_cx_connect_timeout"), Stat::Counter(self.cx_connect_timeout.get())));
-        out.push((format!("{p}upstream_cx_none_healthy"), Stat::Counter(self.cx_none_healthy.get())));
+        out.push((
+            format!("{p}upstream_rq_active"),
+            Stat::Gauge(self.rq_active.get()),
+        ));
+        out.push((
+            format!("{p}upstream_rq_timeout"),
+            Stat::Counter(self.rq_timeout.get()),
+        ));
+        out.push((
+            format!("{p}upstream_cx_total"),
+            Stat::Counter(self.cx_total.get()),
+        ));
+        out.push((
+            format!("{p}upstream_cx_active"),
+            Stat::Gauge(self.cx_active.get()),
+        ));
+        out.push((
+            format!("{p}upstream_cx_connect_fail"),
+            Stat::Counter(self.cx_connect_fail.get()),
+        ));
+        out.push((
+            format!("{p}upstream_cx_connect_timeout"),
+            Stat::Counter(self.cx_connect_timeout.get()),
+        ));
+        out.push((
+            format!("{p}upstream_cx_none_healthy"),
+            Stat::Counter(self.cx_none_healthy.get()),
+        ));
     }
 }
 
@@ -137,7 +185,13 @@ pub fn render_prometheus(stats: &[(String, Stat)]) -> String {
     for (name, v) in stats {
         let metric: String = format!("envoy_{name}")
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         let (kind, value) = match v {
             Stat::Counter(c) => ("counter", c.to_string()),

@@ -53,8 +53,12 @@ impl PeerSans {
     pub fn from_der(der: &[u8]) -> Self {
         use x509_parser::extensions::GeneralName;
         let mut out = PeerSans::default();
-        let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else { return out };
-        let Ok(Some(san)) = cert.subject_alternative_name() else { return out };
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+            return out;
+        };
+        let Ok(Some(san)) = cert.subject_alternative_name() else {
+            return out;
+        };
         for name in &san.value.general_names {
             match name {
                 GeneralName::URI(u) => out.uri.push((*u).to_owned()),
@@ -62,8 +66,12 @@ impl PeerSans {
                 GeneralName::RFC822Name(e) => out.email.push((*e).to_owned()),
                 GeneralName::IPAddress(b) => {
                     let ip = match b.len() {
-                        4 => <[u8; 4]>::try_from(*b).ok().map(|a| std::net::IpAddr::from(a).to_string()),
-                        16 => <[u8; 16]>::try_from(*b).ok().map(|a| std::net::IpAddr::from(a).to_string()),
+                        4 => <[u8; 4]>::try_from(*b)
+                            .ok()
+                            .map(|a| std::net::IpAddr::from(a).to_string()),
+                        16 => <[u8; 16]>::try_from(*b)
+                            .ok()
+                            .map(|a| std::net::IpAddr::from(a).to_string()),
                         _ => None,
                     };
                     out.ip.extend(ip);
@@ -141,8 +149,14 @@ pub fn server_config(spec: &ServerTlsSpec) -> Result<Arc<rustls::ServerConfig>, 
                 Arc::new(roots(ca)?),
                 provider(),
             );
-            let v = if spec.require_client_certificate { v } else { v.allow_unauthenticated() };
-            builder.with_client_cert_verifier(v.build().map_err(|e| TlsError::Verifier(e.to_string()))?)
+            let v = if spec.require_client_certificate {
+                v
+            } else {
+                v.allow_unauthenticated()
+            };
+            builder.with_client_cert_verifier(
+                v.build().map_err(|e| TlsError::Verifier(e.to_string()))?,
+            )
         }
         None if spec.require_client_certificate => {
             return Err(TlsError::Verifier(
@@ -151,8 +165,10 @@ pub fn server_config(spec: &ServerTlsSpec) -> Result<Arc<rustls::ServerConfig>, 
         }
         None => builder.with_no_client_auth(),
     };
-    let mut cfg = builder
-        .with_single_cert(parse_certs(&spec.cert_chain)?, parse_key(&spec.private_key)?)?;
+    let mut cfg = builder.with_single_cert(
+        parse_certs(&spec.cert_chain)?,
+        parse_key(&spec.private_key)?,
+    )?;
     cfg.alpn_protocols = spec.alpn.clone();
     Ok(Arc::new(cfg))
 }
@@ -178,16 +194,24 @@ pub fn client_config(spec: ClientTlsSpec) -> Result<Arc<rustls::ClientConfig>, T
             )
             .build()
             .map_err(|e| TlsError::Verifier(e.to_string()))?;
-            Arc::new(ChainVerifier { inner: Some(inner), sans: spec.san_matchers })
+            Arc::new(ChainVerifier {
+                inner: Some(inner),
+                sans: spec.san_matchers,
+            })
         }
-        None => Arc::new(ChainVerifier { inner: None, sans: spec.san_matchers }),
+        None => Arc::new(ChainVerifier {
+            inner: None,
+            sans: spec.san_matchers,
+        }),
     };
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .dangerous()
         .with_custom_certificate_verifier(verifier);
     let mut cfg = match spec.client_cert {
-        Some((chain, key)) => builder.with_client_auth_cert(parse_certs(&chain)?, parse_key(&key)?)?,
+        Some((chain, key)) => {
+            builder.with_client_auth_cert(parse_certs(&chain)?, parse_key(&key)?)?
+        }
         None => builder.with_no_client_auth(),
     };
     cfg.alpn_protocols = spec.alpn;
@@ -215,7 +239,9 @@ impl ServerCertVerifier for ChainVerifier {
         if let Some(inner) = &self.inner {
             match inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
                 Ok(_) => {}
-                Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::NotValidForName,
+                ))
                 | Err(rustls::Error::InvalidCertificate(
                     rustls::CertificateError::NotValidForNameContext { .. },
                 )) => {}
@@ -223,7 +249,9 @@ impl ServerCertVerifier for ChainVerifier {
             }
         }
         if !PeerSans::from_der(end_entity).matches(&self.sans) {
-            return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName));
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName,
+            ));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -257,6 +285,8 @@ impl ServerCertVerifier for ChainVerifier {
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        provider().signature_verification_algorithms.supported_schemes()
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }

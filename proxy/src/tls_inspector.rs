@@ -6,7 +6,10 @@
 pub enum Parse {
     NotTls,
     NeedMore,
-    Hello { sni: Option<String>, alpn: Vec<String> },
+    Hello {
+        sni: Option<String>,
+        alpn: Vec<String>,
+    },
 }
 
 struct Reader<'a> {
@@ -24,10 +27,12 @@ impl<'a> Reader<'a> {
         self.take(1).map(|b| usize::from(b[0]))
     }
     fn u16(&mut self) -> Option<usize> {
-        self.take(2).map(|b| usize::from(b[0]) << 8 | usize::from(b[1]))
+        self.take(2)
+            .map(|b| usize::from(b[0]) << 8 | usize::from(b[1]))
     }
     fn u24(&mut self) -> Option<usize> {
-        self.take(3).map(|b| usize::from(b[0]) << 16 | usize::from(b[1]) << 8 | usize::from(b[2]))
+        self.take(3)
+            .map(|b| usize::from(b[0]) << 16 | usize::from(b[1]) << 8 | usize::from(b[2]))
     }
 }
 
@@ -46,12 +51,20 @@ pub fn parse_client_hello(buf: &[u8]) -> Parse {
         return Parse::NotTls;
     }
     let record_len = usize::from(buf[3]) << 8 | usize::from(buf[4]);
-    let Some(record) = buf.get(5..5 + record_len) else { return Parse::NeedMore };
-    parse_handshake(record).unwrap_or(Parse::Hello { sni: None, alpn: Vec::new() })
+    let Some(record) = buf.get(5..5 + record_len) else {
+        return Parse::NeedMore;
+    };
+    parse_handshake(record).unwrap_or(Parse::Hello {
+        sni: None,
+        alpn: Vec::new(),
+    })
 }
 
 fn parse_handshake(record: &[u8]) -> Option<Parse> {
-    let mut r = Reader { buf: record, pos: 0 };
+    let mut r = Reader {
+        buf: record,
+        pos: 0,
+    };
     if r.u8()? != 1 {
         return Some(Parse::NotTls);
     }
@@ -107,6 +120,9 @@ mod tests {
 
     #[test]
     fn truncated_record_needs_more() {
-        assert_eq!(parse_client_hello(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]), Parse::NeedMore);
+        assert_eq!(
+            parse_client_hello(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]),
+            Parse::NeedMore
+        );
     }
 }

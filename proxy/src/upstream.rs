@@ -107,6 +107,7 @@ pub async fn send(
     // A pooled connection may have been closed by the peer while idle; hyper hands the request
     // back when it was not sent, so it can go out on a fresh connection.
     if let Some(mut h2) = take_h2(host) {
+        fit_request(&mut req, true, cluster.tls.is_some());
         match h2.try_send_request(req).await {
             Ok(resp) => return Ok((resp, None)),
             Err(mut e) => match e.take_message() {
@@ -116,8 +117,17 @@ pub async fn send(
         }
     }
     while let Some(mut h1) = take_idle(host) {
+        fit_request(&mut req, false, cluster.tls.is_some());
         match h1.try_send_request(req).await {
-            Ok(resp) => return Ok((resp, Some(PoolReturn { host: host.clone(), sender: h1 }))),
+            Ok(resp) => {
+                return Ok((
+                    resp,
+                    Some(PoolReturn {
+                        host: host.clone(),
+                        sender: h1,
+                    }),
+                ))
+            }
             Err(mut e) => match e.take_message() {
                 Some(r) => req = r,
                 None => return Err(UpstreamError::Reset(e.into_error())),
@@ -126,15 +136,65 @@ pub async fn send(
     }
     match connect(host, cluster, stats).await? {
         Connected::H1(mut h1) => {
+            fit_request(&mut req, false, cluster.tls.is_some());
             let resp = h1.send_request(req).await.map_err(UpstreamError::Reset)?;
-            Ok((resp, Some(PoolReturn { host: host.clone(), sender: h1 })))
+            Ok((
+                resp,
+                Some(PoolReturn {
+                    host: host.clone(),
+                    sender: h1,
+                }),
+            ))
         }
         Connected::H2(mut h2) => {
+            fit_request(&mut req, true, cluster.tls.is_some());
             if let Ok(mut slot) = host.pool.h2.lock() {
                 *slot = Some(h2.clone());
             }
             let resp = h2.send_request(req).await.map_err(UpstreamError::Reset)?;
             Ok((resp, None))
+        }
+    }
+}
+
+/// Shapes a request for the upstream codec: HTTP/2 wants an absolute URI (its `:authority`
+/// comes from the `Host` header) and no `Host`; HTTP/1.1 wants origin form and a `Host`.
+fn fit_request(req: &mut Request<Incoming>, h2: bool, tls: bool) {
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
+    if h2 {
+        *req.version_mut() = http::Version::HTTP_2;
+        let authority = req
+            .headers_mut()
+            .remove(http::header::HOST)
+            .and_then(|h| h.to_str().ok().map(str::to_owned))
+            .or_else(|| req.uri().authority().map(|a| a.as_str().to_owned()));
+        let scheme = if tls { "https" } else { "http" };
+        let mut b = http::Uri::builder()
+            .scheme(scheme)
+            .path_and_query(pq.as_str());
+        if let Some(a) = authority.as_deref().filter(|a| !a.is_empty()) {
+            b = b.authority(a);
+        }
+        if let Ok(u) = b.build() {
+            *req.uri_mut() = u;
+        }
+    } else {
+        *req.version_mut() = http::Version::HTTP_11;
+        if req.uri().authority().is_some() {
+            if let Some(a) = req.uri().authority().map(|a| a.as_str().to_owned()) {
+                if !req.headers().contains_key(http::header::HOST) {
+                    if let Ok(v) = http::HeaderValue::from_str(&a) {
+                        req.headers_mut().insert(http::header::HOST, v);
+                    }
+                }
+            }
+            if let Ok(u) = http::Uri::builder().path_and_query(pq.as_str()).build() {
+                *req.uri_mut() = u;
+            }
         }
     }
 }
@@ -167,7 +227,9 @@ async fn connect(
     stats: &ClusterStats,
 ) -> Result<Connected, UpstreamError> {
     stats.cx_total.inc();
-    let tcp = match tokio::time::timeout(cluster.connect_timeout, TcpStream::connect(host.address)).await {
+    let tcp = match tokio::time::timeout(cluster.connect_timeout, TcpStream::connect(host.address))
+        .await
+    {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             stats.cx_connect_fail.inc();
@@ -187,17 +249,20 @@ async fn connect(
                 .clone()
                 .unwrap_or_else(|| ServerName::IpAddress(host.address.ip().into()));
             let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-            let s = match tokio::time::timeout(cluster.connect_timeout, connector.connect(name, tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    stats.cx_connect_fail.inc();
-                    return Err(UpstreamError::Tls(e));
-                }
-                Err(_) => {
-                    stats.cx_connect_timeout.inc();
-                    return Err(UpstreamError::ConnectTimeout);
-                }
-            };
+            let s =
+                match tokio::time::timeout(cluster.connect_timeout, connector.connect(name, tcp))
+                    .await
+                {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        stats.cx_connect_fail.inc();
+                        return Err(UpstreamError::Tls(e));
+                    }
+                    Err(_) => {
+                        stats.cx_connect_timeout.inc();
+                        return Err(UpstreamError::ConnectTimeout);
+                    }
+                };
             let alpn_h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
             let h2 = match cluster.protocol {
                 UpstreamProtocol::Http2 => true,

@@ -90,6 +90,7 @@ const SUPPORTED: &[(&str, &[&str])] = &[
             "xff_num_trusted_hops",
             "skip_xff_append",
             "generate_request_id",
+            "always_set_request_id_in_response",
             "server_name",
             "server_header_transformation",
             "access_log",
@@ -118,7 +119,7 @@ const SUPPORTED: &[(&str, &[&str])] = &[
         &["max_concurrent_streams", "initial_stream_window_size", "initial_connection_window_size"],
     ),
     ("envoy.config.accesslog.v3.AccessLog", &["name", "typed_config"]),
-    ("envoy.extensions.access_loggers.file.v3.FileAccessLog", &["path", "format", "log_format"]),
+    ("envoy.extensions.access_loggers.file.v3.FileAccessLog", &["path", "format", "json_format", "log_format"]),
     ("envoy.extensions.access_loggers.stream.v3.StdoutAccessLog", &["log_format"]),
     ("envoy.extensions.access_loggers.stream.v3.StderrAccessLog", &["log_format"]),
     ("envoy.config.core.v3.SubstitutionFormatString", &["text_format", "json_format", "text_format_source", "omit_empty_values", "content_type"]),
@@ -131,6 +132,8 @@ const SUPPORTED: &[(&str, &[&str])] = &[
             "request_headers_to_remove",
             "response_headers_to_add",
             "response_headers_to_remove",
+            "most_specific_header_mutations_wins",
+            "validate_clusters",
         ],
     ),
     (
@@ -297,12 +300,54 @@ const SUPPORTED: &[(&str, &[&str])] = &[
 
 /// Fields accepted with a warning because they tune or observe without changing traffic.
 const IGNORED: &[(&str, &[&str])] = &[
-    ("envoy.config.bootstrap.v3.Bootstrap", &["stats_config", "stats_flush_interval", "layered_runtime", "overload_manager", "stats_sinks", "watchdogs", "cluster_manager"]),
-    ("envoy.config.listener.v3.Listener", &["stat_prefix", "traffic_direction", "listener_filters_timeout", "continue_on_listener_filters_timeout", "tcp_backlog_size", "connection_balance_config"]),
-    ("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager", &["tracing", "stream_error_on_invalid_http_message"]),
-    ("envoy.config.cluster.v3.Cluster", &["circuit_breakers", "outlier_detection", "upstream_connection_options", "track_cluster_stats"]),
-    ("envoy.config.core.v3.Http2ProtocolOptions", &["hpack_table_size", "max_outbound_frames", "connection_keepalive"]),
-    ("envoy.config.core.v3.Http1ProtocolOptions", &["header_key_format"]),
+    (
+        "envoy.config.bootstrap.v3.Bootstrap",
+        &[
+            "stats_config",
+            "stats_flush_interval",
+            "layered_runtime",
+            "overload_manager",
+            "stats_sinks",
+            "watchdogs",
+            "cluster_manager",
+        ],
+    ),
+    (
+        "envoy.config.listener.v3.Listener",
+        &[
+            "stat_prefix",
+            "traffic_direction",
+            "listener_filters_timeout",
+            "continue_on_listener_filters_timeout",
+            "tcp_backlog_size",
+            "connection_balance_config",
+        ],
+    ),
+    (
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        &["tracing", "stream_error_on_invalid_http_message"],
+    ),
+    (
+        "envoy.config.cluster.v3.Cluster",
+        &[
+            "circuit_breakers",
+            "outlier_detection",
+            "upstream_connection_options",
+            "track_cluster_stats",
+        ],
+    ),
+    (
+        "envoy.config.core.v3.Http2ProtocolOptions",
+        &[
+            "hpack_table_size",
+            "max_outbound_frames",
+            "connection_keepalive",
+        ],
+    ),
+    (
+        "envoy.config.core.v3.Http1ProtocolOptions",
+        &["header_key_format"],
+    ),
 ];
 
 /// A problem found while checking or converting configuration.
@@ -354,7 +399,10 @@ pub fn check_message(
             });
             return;
         } else {
-            errors.push(Issue { path: field_path, message: "field not supported by Legate".into() });
+            errors.push(Issue {
+                path: field_path,
+                message: "field not supported by Legate".into(),
+            });
         }
     }
 }
@@ -399,11 +447,17 @@ fn check_any(msg: &DynamicMessage, path: &str, errors: &mut Vec<Issue>, warnings
     }
     match legate_proto::dynamic_from_bytes(type_name, &bytes) {
         Ok(inner) => check_message(&inner, path, errors, warnings),
-        Err(e) => errors.push(Issue { path: path.to_owned(), message: e.to_string() }),
+        Err(e) => errors.push(Issue {
+            path: path.to_owned(),
+            message: e.to_string(),
+        }),
     }
 }
 
-fn lookup(table: &'static [(&str, &'static [&'static str])], name: &str) -> Option<&'static [&'static str]> {
+fn lookup(
+    table: &'static [(&str, &'static [&'static str])],
+    name: &str,
+) -> Option<&'static [&'static str]> {
     table.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
 }
 

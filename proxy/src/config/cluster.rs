@@ -28,11 +28,17 @@ pub(crate) fn cluster(cx: &mut Ctx<'_>, c: &cl::Cluster, path: &str) -> Option<C
         Some(CDT::Type(1)) => Discovery::StrictDns,
         Some(CDT::Type(2)) => Discovery::LogicalDns,
         Some(CDT::Type(t)) => {
-            cx.err(&format!("{path}.type"), format!("discovery type {} is not supported yet", type_name(*t)));
+            cx.err(
+                &format!("{path}.type"),
+                format!("discovery type {} is not supported yet", type_name(*t)),
+            );
             return None;
         }
         Some(_) => {
-            cx.err(&format!("{path}.cluster_type"), "custom cluster types are not supported");
+            cx.err(
+                &format!("{path}.cluster_type"),
+                "custom cluster types are not supported",
+            );
             return None;
         }
     };
@@ -40,10 +46,14 @@ pub(crate) fn cluster(cx: &mut Ctx<'_>, c: &cl::Cluster, path: &str) -> Option<C
         0 => LbPolicy::RoundRobin,
         1 => {
             let choice_count = match &c.lb_config {
-                Some(cl::cluster::LbConfig::LeastRequestLbConfig(l)) => l.choice_count.map_or(2, |v| v.value),
+                Some(cl::cluster::LbConfig::LeastRequestLbConfig(l)) => {
+                    l.choice_count.map_or(2, |v| v.value)
+                }
                 _ => 2,
             };
-            LbPolicy::LeastRequest { choice_count: choice_count.max(2) }
+            LbPolicy::LeastRequest {
+                choice_count: choice_count.max(2),
+            }
         }
         2 => {
             let (min_ring, max_ring) = match &c.lb_config {
@@ -58,13 +68,18 @@ pub(crate) fn cluster(cx: &mut Ctx<'_>, c: &cl::Cluster, path: &str) -> Option<C
         3 => LbPolicy::Random,
         5 => {
             let table_size = match &c.lb_config {
-                Some(cl::cluster::LbConfig::MaglevLbConfig(m)) => m.table_size.map_or(65_537, |v| v.value),
+                Some(cl::cluster::LbConfig::MaglevLbConfig(m)) => {
+                    m.table_size.map_or(65_537, |v| v.value)
+                }
                 _ => 65_537,
             };
             LbPolicy::Maglev { table_size }
         }
         other => {
-            cx.err(&format!("{path}.lb_policy"), format!("lb_policy {other} is not supported"));
+            cx.err(
+                &format!("{path}.lb_policy"),
+                format!("lb_policy {other} is not supported"),
+            );
             return None;
         }
     };
@@ -82,49 +97,85 @@ pub(crate) fn cluster(cx: &mut Ctx<'_>, c: &cl::Cluster, path: &str) -> Option<C
                 };
                 use legate_proto::pb::envoy::config::core::v3::address::Address as A;
                 use legate_proto::pb::envoy::config::core::v3::socket_address::PortSpecifier as PS;
-                let Some(A::SocketAddress(sa)) = endpoint.address.as_ref().and_then(|a| a.address.as_ref()) else {
-                    cx.err(&format!("{ep}.endpoint.address"), "a socket_address is required");
+                let Some(A::SocketAddress(sa)) =
+                    endpoint.address.as_ref().and_then(|a| a.address.as_ref())
+                else {
+                    cx.err(
+                        &format!("{ep}.endpoint.address"),
+                        "a socket_address is required",
+                    );
                     continue;
                 };
                 let Some(PS::PortValue(port)) = sa.port_specifier else {
-                    cx.err(&format!("{ep}.endpoint.address.socket_address.port_value"), "required");
+                    cx.err(
+                        &format!("{ep}.endpoint.address.socket_address.port_value"),
+                        "required",
+                    );
                     continue;
                 };
                 let Ok(port) = u16::try_from(port) else {
-                    cx.err(&format!("{ep}.endpoint.address.socket_address.port_value"), "not a port");
+                    cx.err(
+                        &format!("{ep}.endpoint.address.socket_address.port_value"),
+                        "not a port",
+                    );
                     continue;
                 };
-                let host = sa.address.trim_start_matches('[').trim_end_matches(']').to_owned();
+                let host = sa
+                    .address
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned();
                 if discovery == Discovery::Static && host.parse::<std::net::IpAddr>().is_err() {
-                    cx.err(&format!("{ep}.endpoint.address.socket_address.address"), format!("{host:?} is not an IP address (a STATIC cluster needs IPs)"));
+                    cx.err(
+                        &format!("{ep}.endpoint.address.socket_address.address"),
+                        format!("{host:?} is not an IP address (a STATIC cluster needs IPs)"),
+                    );
                     continue;
                 }
                 endpoints.push(EndpointConfig {
-                    hostname: if endpoint.hostname.is_empty() { host.clone() } else { endpoint.hostname.clone() },
+                    hostname: if endpoint.hostname.is_empty() {
+                        host.clone()
+                    } else {
+                        endpoint.hostname.clone()
+                    },
                     host,
                     port,
                     weight: e.load_balancing_weight.map_or(1, |v| v.value).max(1),
                 });
             }
             localities.push(LocalityConfig {
-                zone: l.locality.as_ref().map(|l| l.zone.clone()).unwrap_or_default(),
+                zone: l
+                    .locality
+                    .as_ref()
+                    .map(|l| l.zone.clone())
+                    .unwrap_or_default(),
                 priority: l.priority,
                 endpoints,
             });
         }
     }
-    if discovery == Discovery::LogicalDns && localities.iter().map(|l| l.endpoints.len()).sum::<usize>() != 1 {
-        cx.err(&format!("{path}.load_assignment"), "LOGICAL_DNS clusters must have exactly one endpoint");
+    if discovery == Discovery::LogicalDns
+        && localities.iter().map(|l| l.endpoints.len()).sum::<usize>() != 1
+    {
+        cx.err(
+            &format!("{path}.load_assignment"),
+            "LOGICAL_DNS clusters must have exactly one endpoint",
+        );
     }
     let mut protocol = UpstreamProtocol::Http1;
     let mut idle_timeout = None;
     for (k, any) in &c.typed_extension_protocol_options {
         let p = format!("{path}.typed_extension_protocol_options[\"{k}\"]");
         if k != "envoy.extensions.upstreams.http.v3.HttpProtocolOptions" {
-            cx.err(&p, "only envoy.extensions.upstreams.http.v3.HttpProtocolOptions is supported");
+            cx.err(
+                &p,
+                "only envoy.extensions.upstreams.http.v3.HttpProtocolOptions is supported",
+            );
             continue;
         }
-        let Some(opts) = decode::<up::HttpProtocolOptions>(cx, any, HTTP_OPTIONS, &p) else { continue };
+        let Some(opts) = decode::<up::HttpProtocolOptions>(cx, any, HTTP_OPTIONS, &p) else {
+            continue;
+        };
         use up::http_protocol_options::explicit_http_config::ProtocolConfig as PC;
         use up::http_protocol_options::UpstreamProtocolOptions as UPO;
         protocol = match &opts.upstream_protocol_options {
@@ -132,21 +183,36 @@ pub(crate) fn cluster(cx: &mut Ctx<'_>, c: &cl::Cluster, path: &str) -> Option<C
                 Some(PC::Http2ProtocolOptions(_)) => UpstreamProtocol::Http2,
                 Some(PC::HttpProtocolOptions(_)) | None => UpstreamProtocol::Http1,
                 Some(PC::Http3ProtocolOptions(_)) => {
-                    cx.err(&format!("{p}.explicit_http_config"), "HTTP/3 is not supported");
+                    cx.err(
+                        &format!("{p}.explicit_http_config"),
+                        "HTTP/3 is not supported",
+                    );
                     continue;
                 }
             },
             Some(UPO::AutoConfig(_)) => UpstreamProtocol::Alpn,
             Some(UPO::UseDownstreamProtocolConfig(_)) => {
-                cx.err(&format!("{p}.use_downstream_protocol_config"), "field not supported by Legate");
+                cx.err(
+                    &format!("{p}.use_downstream_protocol_config"),
+                    "field not supported by Legate",
+                );
                 continue;
             }
             None => UpstreamProtocol::Http1,
         };
-        idle_timeout = opts.common_http_protocol_options.as_ref().and_then(|o| o.idle_timeout.as_ref()).map(duration);
+        idle_timeout = opts
+            .common_http_protocol_options
+            .as_ref()
+            .and_then(|o| o.idle_timeout.as_ref())
+            .map(duration);
     }
     let tls = match &c.transport_socket {
-        Some(ts) => Some(Arc::new(upstream_tls(cx, ts, protocol, &format!("{path}.transport_socket"))?)),
+        Some(ts) => Some(Arc::new(upstream_tls(
+            cx,
+            ts,
+            protocol,
+            &format!("{path}.transport_socket"),
+        )?)),
         None => None,
     };
     let dns_family = match c.dns_lookup_family {
@@ -159,12 +225,20 @@ pub(crate) fn cluster(cx: &mut Ctx<'_>, c: &cl::Cluster, path: &str) -> Option<C
     Some(ClusterConfig {
         name: c.name.clone(),
         discovery,
-        connect_timeout: c.connect_timeout.as_ref().map_or(Duration::from_secs(5), duration),
+        connect_timeout: c
+            .connect_timeout
+            .as_ref()
+            .map_or(Duration::from_secs(5), duration),
         lb,
         localities,
         tls,
         protocol,
-        dns_refresh: c.dns_refresh_rate.as_ref().map(duration).filter(|d| !d.is_zero()).unwrap_or(Duration::from_secs(5)),
+        dns_refresh: c
+            .dns_refresh_rate
+            .as_ref()
+            .map(duration)
+            .filter(|d| !d.is_zero())
+            .unwrap_or(Duration::from_secs(5)),
         dns_family,
         buffer_limit: c.per_connection_buffer_limit_bytes.map(|v| v.value),
         idle_timeout,
@@ -199,7 +273,11 @@ fn upstream_tls(
     let alpn = match protocol {
         UpstreamProtocol::Http2 => vec![b"h2".to_vec()],
         UpstreamProtocol::Alpn => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
-        UpstreamProtocol::Http1 => common.alpn_protocols.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        UpstreamProtocol::Http1 => common
+            .alpn_protocols
+            .iter()
+            .map(|a| a.as_bytes().to_vec())
+            .collect(),
     };
     let sni = if ctx.sni.is_empty() {
         None
@@ -212,7 +290,13 @@ fn upstream_tls(
             }
         }
     };
-    let spec = ClientTlsSpec { trusted_ca, san_matchers, client_cert, alpn, send_sni: sni.is_some() };
+    let spec = ClientTlsSpec {
+        trusted_ca,
+        san_matchers,
+        client_cert,
+        alpn,
+        send_sni: sni.is_some(),
+    };
     match crate::tls::client_config(spec) {
         Ok(config) => Some(UpstreamTls { config, sni }),
         Err(e) => {

@@ -17,11 +17,17 @@ use crate::hcm::{Codec, HcmConfig, ServerHeader};
 use crate::listener::{ChainMatch, DownstreamTls, FilterChain, ListenerConfig};
 use crate::tls::{SanMatcher, SanType, ServerTlsSpec};
 
-const HCM_TYPE: &str = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+const HCM_TYPE: &str =
+    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const TLS_INSPECTOR_TYPE: &str = "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector";
 const DOWNSTREAM_TLS_TYPE: &str = "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
 
-pub(crate) fn decode<T: Message + Default>(cx: &mut Ctx<'_>, any: &Any, want: &str, path: &str) -> Option<T> {
+pub(crate) fn decode<T: Message + Default>(
+    cx: &mut Ctx<'_>,
+    any: &Any,
+    want: &str,
+    path: &str,
+) -> Option<T> {
     let got = legate_proto::type_name_of(&any.type_url);
     if got != want {
         cx.err(path, format!("expected {want}, got {}", any.type_url));
@@ -47,24 +53,36 @@ pub(crate) fn listener(cx: &mut Ctx<'_>, l: &lis::Listener, path: &str) -> Optio
             {
                 tls_inspector = true
             }
-            _ => cx.err(&p, "only envoy.filters.listener.tls_inspector (with typed_config) is supported"),
+            _ => cx.err(
+                &p,
+                "only envoy.filters.listener.tls_inspector (with typed_config) is supported",
+            ),
         }
     }
     if l.filter_chains.is_empty() && l.default_filter_chain.is_none() {
-        cx.err(&format!("{path}.filter_chains"), "at least one filter chain is required");
+        cx.err(
+            &format!("{path}.filter_chains"),
+            "at least one filter chain is required",
+        );
     }
     let chains: Vec<Arc<FilterChain>> = l
         .filter_chains
         .iter()
         .enumerate()
-        .filter_map(|(i, c)| filter_chain(cx, c, &format!("{path}.filter_chains[{i}]")).map(Arc::new))
+        .filter_map(|(i, c)| {
+            filter_chain(cx, c, &format!("{path}.filter_chains[{i}]")).map(Arc::new)
+        })
         .collect();
     let default_chain = l
         .default_filter_chain
         .as_ref()
         .and_then(|c| filter_chain(cx, c, &format!("{path}.default_filter_chain")).map(Arc::new));
     Some(ListenerConfig {
-        name: if l.name.is_empty() { address.to_string() } else { l.name.clone() },
+        name: if l.name.is_empty() {
+            address.to_string()
+        } else {
+            l.name.clone()
+        },
         address,
         chains,
         default_chain,
@@ -76,7 +94,11 @@ pub(crate) fn listener(cx: &mut Ctx<'_>, l: &lis::Listener, path: &str) -> Optio
 fn filter_chain(cx: &mut Ctx<'_>, c: &lis::FilterChain, path: &str) -> Option<FilterChain> {
     let matcher = match &c.filter_chain_match {
         Some(m) => ChainMatch {
-            server_names: m.server_names.iter().map(|s| s.to_ascii_lowercase()).collect(),
+            server_names: m
+                .server_names
+                .iter()
+                .map(|s| s.to_ascii_lowercase())
+                .collect(),
             transport_protocol: Some(m.transport_protocol.clone()).filter(|t| !t.is_empty()),
             application_protocols: m.application_protocols.clone(),
         },
@@ -95,12 +117,22 @@ fn filter_chain(cx: &mut Ctx<'_>, c: &lis::FilterChain, path: &str) -> Option<Fi
         cx.err(&fp, "typed_config is required");
         return None;
     };
-    let hcm: hcmpb::HttpConnectionManager = decode(cx, any, HCM_TYPE, &format!("{fp}.typed_config"))?;
+    let hcm: hcmpb::HttpConnectionManager =
+        decode(cx, any, HCM_TYPE, &format!("{fp}.typed_config"))?;
     let hcm = http_connection_manager(cx, &hcm, &format!("{fp}.typed_config"))?;
-    Some(FilterChain { name: c.name.clone(), matcher, tls, hcm: Arc::new(hcm) })
+    Some(FilterChain {
+        name: c.name.clone(),
+        matcher,
+        tls,
+        hcm: Arc::new(hcm),
+    })
 }
 
-fn san_matchers(cx: &mut Ctx<'_>, v: &tlspb::CertificateValidationContext, path: &str) -> Vec<SanMatcher> {
+fn san_matchers(
+    cx: &mut Ctx<'_>,
+    v: &tlspb::CertificateValidationContext,
+    path: &str,
+) -> Vec<SanMatcher> {
     let mut out = Vec::new();
     for (i, m) in v.match_typed_subject_alt_names.iter().enumerate() {
         let p = format!("{path}.match_typed_subject_alt_names[{i}]");
@@ -110,7 +142,10 @@ fn san_matchers(cx: &mut Ctx<'_>, v: &tlspb::CertificateValidationContext, path:
             3 => SanType::Uri,
             4 => SanType::IpAddress,
             _ => {
-                cx.err(&format!("{p}.san_type"), "one of DNS, EMAIL, URI or IP_ADDRESS is required");
+                cx.err(
+                    &format!("{p}.san_type"),
+                    "one of DNS, EMAIL, URI or IP_ADDRESS is required",
+                );
                 continue;
             }
         };
@@ -134,25 +169,40 @@ pub(crate) fn validation(
     use tlspb::common_tls_context::ValidationContextType as V;
     match &common.validation_context_type {
         Some(V::ValidationContext(v)) => {
-            let ca = v.trusted_ca.as_ref().and_then(|ds| cx.data_source(ds, &format!("{path}.validation_context.trusted_ca")));
+            let ca = v.trusted_ca.as_ref().and_then(|ds| {
+                cx.data_source(ds, &format!("{path}.validation_context.trusted_ca"))
+            });
             let sans = san_matchers(cx, v, &format!("{path}.validation_context"));
             (ca, sans)
         }
         Some(_) => {
-            cx.err(&format!("{path}.validation_context_type"), "only an inline validation_context is supported");
+            cx.err(
+                &format!("{path}.validation_context_type"),
+                "only an inline validation_context is supported",
+            );
             (None, Vec::new())
         }
         None => (None, Vec::new()),
     }
 }
 
-pub(crate) fn certificate(cx: &mut Ctx<'_>, common: &tlspb::CommonTlsContext, path: &str) -> Option<(Vec<u8>, Vec<u8>)> {
+pub(crate) fn certificate(
+    cx: &mut Ctx<'_>,
+    common: &tlspb::CommonTlsContext,
+    path: &str,
+) -> Option<(Vec<u8>, Vec<u8>)> {
     match common.tls_certificates.as_slice() {
         [] => None,
         [c] => {
             let p = format!("{path}.tls_certificates[0]");
-            let chain = c.certificate_chain.as_ref().and_then(|d| cx.data_source(d, &format!("{p}.certificate_chain")));
-            let key = c.private_key.as_ref().and_then(|d| cx.data_source(d, &format!("{p}.private_key")));
+            let chain = c
+                .certificate_chain
+                .as_ref()
+                .and_then(|d| cx.data_source(d, &format!("{p}.certificate_chain")));
+            let key = c
+                .private_key
+                .as_ref()
+                .and_then(|d| cx.data_source(d, &format!("{p}.private_key")));
             match (chain, key) {
                 (Some(c), Some(k)) => Some((c, k)),
                 _ => {
@@ -162,13 +212,20 @@ pub(crate) fn certificate(cx: &mut Ctx<'_>, common: &tlspb::CommonTlsContext, pa
             }
         }
         _ => {
-            cx.err(&format!("{path}.tls_certificates"), "only one certificate is supported");
+            cx.err(
+                &format!("{path}.tls_certificates"),
+                "only one certificate is supported",
+            );
             None
         }
     }
 }
 
-fn downstream_tls(cx: &mut Ctx<'_>, ts: &core::TransportSocket, path: &str) -> Option<DownstreamTls> {
+fn downstream_tls(
+    cx: &mut Ctx<'_>,
+    ts: &core::TransportSocket,
+    path: &str,
+) -> Option<DownstreamTls> {
     let Some(core::transport_socket::ConfigType::TypedConfig(any)) = &ts.config_type else {
         cx.err(path, "typed_config is required");
         return None;
@@ -178,19 +235,29 @@ fn downstream_tls(cx: &mut Ctx<'_>, ts: &core::TransportSocket, path: &str) -> O
     let common = ctx.common_tls_context.unwrap_or_default();
     let cp = format!("{p}.common_tls_context");
     let Some((cert_chain, private_key)) = certificate(cx, &common, &cp) else {
-        cx.err(&format!("{cp}.tls_certificates"), "a server certificate is required");
+        cx.err(
+            &format!("{cp}.tls_certificates"),
+            "a server certificate is required",
+        );
         return None;
     };
     let (trusted_ca, san_matchers) = validation(cx, &common, &cp);
     let spec = ServerTlsSpec {
         cert_chain,
         private_key,
-        alpn: common.alpn_protocols.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        alpn: common
+            .alpn_protocols
+            .iter()
+            .map(|a| a.as_bytes().to_vec())
+            .collect(),
         trusted_ca,
         require_client_certificate: ctx.require_client_certificate.is_some_and(|v| v.value),
     };
     match crate::tls::server_config(&spec) {
-        Ok(config) => Some(DownstreamTls { config, san_matchers }),
+        Ok(config) => Some(DownstreamTls {
+            config,
+            san_matchers,
+        }),
         Err(e) => {
             cx.err(&p, e.to_string());
             None
@@ -198,7 +265,11 @@ fn downstream_tls(cx: &mut Ctx<'_>, ts: &core::TransportSocket, path: &str) -> O
     }
 }
 
-fn access_logs(cx: &mut Ctx<'_>, logs: &[legate_proto::pb::envoy::config::accesslog::v3::AccessLog], path: &str) -> Vec<AccessLog> {
+fn access_logs(
+    cx: &mut Ctx<'_>,
+    logs: &[legate_proto::pb::envoy::config::accesslog::v3::AccessLog],
+    path: &str,
+) -> Vec<AccessLog> {
     use legate_proto::pb::envoy::config::accesslog::v3::access_log::ConfigType;
     use legate_proto::pb::envoy::extensions::access_loggers::file::v3 as file;
     use legate_proto::pb::envoy::extensions::access_loggers::stream::v3 as stream;
@@ -211,13 +282,22 @@ fn access_logs(cx: &mut Ctx<'_>, logs: &[legate_proto::pb::envoy::config::access
         };
         let (file_path, fmt) = match legate_proto::type_name_of(&any.type_url) {
             "envoy.extensions.access_loggers.file.v3.FileAccessLog" => {
-                let Some(f) = decode::<file::FileAccessLog>(cx, any, "envoy.extensions.access_loggers.file.v3.FileAccessLog", &p) else { continue };
+                let Some(f) = decode::<file::FileAccessLog>(
+                    cx,
+                    any,
+                    "envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                    &p,
+                ) else {
+                    continue;
+                };
                 #[allow(deprecated)]
                 let fmt = match f.access_log_format {
                     None => None,
                     Some(file::file_access_log::AccessLogFormat::Format(s)) => Some(Ok(s)),
                     Some(file::file_access_log::AccessLogFormat::JsonFormat(j)) => Some(Err(j)),
-                    Some(file::file_access_log::AccessLogFormat::LogFormat(sfs)) => substitution_format(cx, sfs, &format!("{p}.log_format")),
+                    Some(file::file_access_log::AccessLogFormat::LogFormat(sfs)) => {
+                        substitution_format(cx, sfs, &format!("{p}.log_format"))
+                    }
                     Some(_) => {
                         cx.err(&p, "only format, json_format and log_format are supported");
                         continue;
@@ -226,17 +306,35 @@ fn access_logs(cx: &mut Ctx<'_>, logs: &[legate_proto::pb::envoy::config::access
                 (f.path, fmt)
             }
             "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog" => {
-                let Some(f) = decode::<stream::StdoutAccessLog>(cx, any, "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog", &p) else { continue };
+                let Some(f) = decode::<stream::StdoutAccessLog>(
+                    cx,
+                    any,
+                    "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                    &p,
+                ) else {
+                    continue;
+                };
                 let fmt = match f.access_log_format {
-                    Some(stream::stdout_access_log::AccessLogFormat::LogFormat(sfs)) => substitution_format(cx, sfs, &format!("{p}.log_format")),
+                    Some(stream::stdout_access_log::AccessLogFormat::LogFormat(sfs)) => {
+                        substitution_format(cx, sfs, &format!("{p}.log_format"))
+                    }
                     None => None,
                 };
                 ("/dev/stdout".to_owned(), fmt)
             }
             "envoy.extensions.access_loggers.stream.v3.StderrAccessLog" => {
-                let Some(f) = decode::<stream::StderrAccessLog>(cx, any, "envoy.extensions.access_loggers.stream.v3.StderrAccessLog", &p) else { continue };
+                let Some(f) = decode::<stream::StderrAccessLog>(
+                    cx,
+                    any,
+                    "envoy.extensions.access_loggers.stream.v3.StderrAccessLog",
+                    &p,
+                ) else {
+                    continue;
+                };
                 let fmt = match f.access_log_format {
-                    Some(stream::stderr_access_log::AccessLogFormat::LogFormat(sfs)) => substitution_format(cx, sfs, &format!("{p}.log_format")),
+                    Some(stream::stderr_access_log::AccessLogFormat::LogFormat(sfs)) => {
+                        substitution_format(cx, sfs, &format!("{p}.log_format"))
+                    }
                     None => None,
                 };
                 ("/dev/stderr".to_owned(), fmt)
@@ -259,7 +357,10 @@ fn access_logs(cx: &mut Ctx<'_>, logs: &[legate_proto::pb::envoy::config::access
                         Some(Kind::NumberValue(n)) => n.to_string(),
                         Some(Kind::BoolValue(b)) => b.to_string(),
                         _ => {
-                            cx.err(&format!("{p}.json_format.{k}"), "only string values are supported");
+                            cx.err(
+                                &format!("{p}.json_format.{k}"),
+                                "only string values are supported",
+                            );
                             continue;
                         }
                     };
@@ -281,7 +382,10 @@ fn access_logs(cx: &mut Ctx<'_>, logs: &[legate_proto::pb::envoy::config::access
         };
         match AccessLog::open(&file_path, format) {
             Ok(l) => out.push(l),
-            Err(e) => cx.err(&format!("{p}.path"), format!("cannot open {file_path}: {e}")),
+            Err(e) => cx.err(
+                &format!("{p}.path"),
+                format!("cannot open {file_path}: {e}"),
+            ),
         }
     }
     out
@@ -289,7 +393,11 @@ fn access_logs(cx: &mut Ctx<'_>, logs: &[legate_proto::pb::envoy::config::access
 
 type TextOrJson = Result<String, legate_proto::pb::google::protobuf::Struct>;
 
-fn substitution_format(cx: &mut Ctx<'_>, sfs: core::SubstitutionFormatString, path: &str) -> Option<TextOrJson> {
+fn substitution_format(
+    cx: &mut Ctx<'_>,
+    sfs: core::SubstitutionFormatString,
+    path: &str,
+) -> Option<TextOrJson> {
     use core::substitution_format_string::Format as F;
     #[allow(deprecated)]
     match sfs.format {
@@ -300,13 +408,20 @@ fn substitution_format(cx: &mut Ctx<'_>, sfs: core::SubstitutionFormatString, pa
             Some(Ok(String::from_utf8_lossy(&b).into_owned()))
         }
         _ => {
-            cx.err(path, "text_format, json_format or text_format_source is required");
+            cx.err(
+                path,
+                "text_format, json_format or text_format_source is required",
+            );
             None
         }
     }
 }
 
-fn http_connection_manager(cx: &mut Ctx<'_>, h: &hcmpb::HttpConnectionManager, path: &str) -> Option<HcmConfig> {
+fn http_connection_manager(
+    cx: &mut Ctx<'_>,
+    h: &hcmpb::HttpConnectionManager,
+    path: &str,
+) -> Option<HcmConfig> {
     use hcmpb::http_connection_manager::RouteSpecifier as RS;
     let codec = match h.codec_type {
         0 => Codec::Auto,
@@ -318,9 +433,14 @@ fn http_connection_manager(cx: &mut Ctx<'_>, h: &hcmpb::HttpConnectionManager, p
         }
     };
     let routes = match &h.route_specifier {
-        Some(RS::RouteConfig(rc)) => super::route::route_table(cx, rc, &format!("{path}.route_config")),
+        Some(RS::RouteConfig(rc)) => {
+            super::route::route_table(cx, rc, &format!("{path}.route_config"))
+        }
         _ => {
-            cx.err(path, "an inline route_config is required (rds arrives with xDS)");
+            cx.err(
+                path,
+                "an inline route_config is required (rds arrives with xDS)",
+            );
             return None;
         }
     };
@@ -343,7 +463,10 @@ fn http_connection_manager(cx: &mut Ctx<'_>, h: &hcmpb::HttpConnectionManager, p
         let dynamic = match legate_proto::dynamic_from_bytes(type_name, &any.value) {
             Ok(d) => d,
             Err(e) => {
-                cx.err(&format!("{p}.typed_config"), format!("unsupported filter type {}: {e}", any.type_url));
+                cx.err(
+                    &format!("{p}.typed_config"),
+                    format!("unsupported filter type {}: {e}", any.type_url),
+                );
                 continue;
             }
         };
@@ -351,7 +474,9 @@ fn http_connection_manager(cx: &mut Ctx<'_>, h: &hcmpb::HttpConnectionManager, p
             Ok(FilterConfig::Router(r)) => router = Some(r),
             Ok(FilterConfig::Filter { name, filter }) => filters.push((name, filter)),
             Err(legate_filters::FilterError::UnknownType { type_url }) if f.is_optional => {
-                tracing::warn!("{p}: optional filter {type_url} is not supported by Legate; skipped");
+                tracing::warn!(
+                    "{p}: optional filter {type_url} is not supported by Legate; skipped"
+                );
             }
             Err(e) => cx.err(&format!("{p}.typed_config"), e.to_string()),
         }
@@ -359,7 +484,10 @@ fn http_connection_manager(cx: &mut Ctx<'_>, h: &hcmpb::HttpConnectionManager, p
     let router: RouterConfig = match router {
         Some(r) => r,
         None => {
-            cx.err(&format!("{path}.http_filters"), "the last filter must be envoy.filters.http.router");
+            cx.err(
+                &format!("{path}.http_filters"),
+                "the last filter must be envoy.filters.http.router",
+            );
             return None;
         }
     };
@@ -368,7 +496,10 @@ fn http_connection_manager(cx: &mut Ctx<'_>, h: &hcmpb::HttpConnectionManager, p
         if u.upgrade_type.eq_ignore_ascii_case("websocket") {
             websocket = u.enabled.is_none_or(|v| v.value);
         } else {
-            cx.err(&format!("{path}.upgrade_configs[{i}].upgrade_type"), "only websocket upgrades are supported");
+            cx.err(
+                &format!("{path}.upgrade_configs[{i}].upgrade_type"),
+                "only websocket upgrades are supported",
+            );
         }
     }
     let server_header = match h.server_header_transformation {
@@ -376,21 +507,31 @@ fn http_connection_manager(cx: &mut Ctx<'_>, h: &hcmpb::HttpConnectionManager, p
         1 => ServerHeader::AppendIfAbsent,
         _ => ServerHeader::PassThrough,
     };
-    let server_name = if h.server_name.is_empty() { "legate" } else { h.server_name.as_str() };
+    let server_name = if h.server_name.is_empty() {
+        "legate"
+    } else {
+        h.server_name.as_str()
+    };
     let Ok(server_name) = HeaderValue::from_str(server_name) else {
         cx.err(&format!("{path}.server_name"), "invalid header value");
         return None;
     };
     let max_kb = h.max_request_headers_kb.map_or(60, |v| v.value);
     if !(1..=8192).contains(&max_kb) {
-        cx.err(&format!("{path}.max_request_headers_kb"), "must be between 1 and 8192");
+        cx.err(
+            &format!("{path}.max_request_headers_kb"),
+            "must be between 1 and 8192",
+        );
     }
-    let opt = |d: &Option<legate_proto::pb::google::protobuf::Duration>, default: Option<std::time::Duration>| match d {
+    let opt = |d: &Option<legate_proto::pb::google::protobuf::Duration>,
+               default: Option<std::time::Duration>| match d {
         Some(d) => Some(duration(d)).filter(|d| !d.is_zero()),
         None => default,
     };
     let idle_timeout = opt(
-        &h.common_http_protocol_options.as_ref().and_then(|o| o.idle_timeout),
+        &h.common_http_protocol_options
+            .as_ref()
+            .and_then(|o| o.idle_timeout),
         Some(std::time::Duration::from_secs(3600)),
     );
     Some(HcmConfig {
@@ -399,7 +540,10 @@ fn http_connection_manager(cx: &mut Ctx<'_>, h: &hcmpb::HttpConnectionManager, p
         routes: Arc::new(routes),
         filters,
         router,
-        stream_idle_timeout: opt(&h.stream_idle_timeout, Some(std::time::Duration::from_secs(300))),
+        stream_idle_timeout: opt(
+            &h.stream_idle_timeout,
+            Some(std::time::Duration::from_secs(300)),
+        ),
         request_timeout: opt(&h.request_timeout, None),
         idle_timeout,
         max_request_headers_kb: max_kb,
@@ -407,11 +551,16 @@ fn http_connection_manager(cx: &mut Ctx<'_>, h: &hcmpb::HttpConnectionManager, p
         xff_num_trusted_hops: h.xff_num_trusted_hops,
         skip_xff_append: h.skip_xff_append,
         generate_request_id: h.generate_request_id.is_none_or(|v| v.value),
+        always_set_request_id_in_response: h.always_set_request_id_in_response,
         server_name,
         server_header,
         access_logs: access_logs(cx, &h.access_log, &format!("{path}.access_log")).into(),
         websocket,
-        h2_max_concurrent_streams: h.http2_protocol_options.as_ref().and_then(|o| o.max_concurrent_streams).map(|v| v.value),
+        h2_max_concurrent_streams: h
+            .http2_protocol_options
+            .as_ref()
+            .and_then(|o| o.max_concurrent_streams)
+            .map(|v| v.value),
         stats: Default::default(),
     })
 }

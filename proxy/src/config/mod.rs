@@ -29,7 +29,10 @@ use crate::listener::ListenerConfig;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot parse configuration: {0}")]
     Parse(String),
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
@@ -58,12 +61,17 @@ pub struct Bootstrap {
 /// Conversion state: the errors found so far and the filter registry.
 pub(crate) struct Ctx<'a> {
     errors: Vec<Issue>,
+    /// Clusters named by routes that Envoy would validate: (path, cluster name).
+    cluster_refs: Vec<(String, String)>,
     registry: &'a FilterRegistry,
 }
 
 impl Ctx<'_> {
     pub(crate) fn err(&mut self, path: &str, message: impl Into<String>) {
-        self.errors.push(Issue { path: path.to_owned(), message: message.into() });
+        self.errors.push(Issue {
+            path: path.to_owned(),
+            message: message.into(),
+        });
     }
 
     /// Reads a `DataSource`.
@@ -93,7 +101,11 @@ pub(crate) fn duration(d: &legate_proto::pb::google::protobuf::Duration) -> Dura
         + Duration::from_nanos(u64::try_from(d.nanos).unwrap_or(0))
 }
 
-pub(crate) fn socket_address(cx: &mut Ctx<'_>, a: Option<&core::Address>, path: &str) -> Option<SocketAddr> {
+pub(crate) fn socket_address(
+    cx: &mut Ctx<'_>,
+    a: Option<&core::Address>,
+    path: &str,
+) -> Option<SocketAddr> {
     use core::address::Address as A;
     use core::socket_address::PortSpecifier as P;
     let Some(A::SocketAddress(sa)) = a.and_then(|a| a.address.as_ref()) else {
@@ -101,7 +113,10 @@ pub(crate) fn socket_address(cx: &mut Ctx<'_>, a: Option<&core::Address>, path: 
         return None;
     };
     if sa.protocol != 0 {
-        cx.err(&format!("{path}.socket_address.protocol"), "only TCP is supported");
+        cx.err(
+            &format!("{path}.socket_address.protocol"),
+            "only TCP is supported",
+        );
         return None;
     }
     let port = match sa.port_specifier {
@@ -112,14 +127,20 @@ pub(crate) fn socket_address(cx: &mut Ctx<'_>, a: Option<&core::Address>, path: 
         }
     };
     let Ok(port) = u16::try_from(port) else {
-        cx.err(&format!("{path}.socket_address.port_value"), format!("{port} is not a port"));
+        cx.err(
+            &format!("{path}.socket_address.port_value"),
+            format!("{port} is not a port"),
+        );
         return None;
     };
     let host = sa.address.trim_start_matches('[').trim_end_matches(']');
     match host.parse::<std::net::IpAddr>() {
         Ok(ip) => Some(SocketAddr::new(ip, port)),
         Err(_) => {
-            cx.err(&format!("{path}.socket_address.address"), format!("{:?} is not an IP address", sa.address));
+            cx.err(
+                &format!("{path}.socket_address.address"),
+                format!("{:?} is not an IP address", sa.address),
+            );
             None
         }
     }
@@ -132,7 +153,10 @@ pub fn parse_text(text: &str) -> Result<serde_json::Value, ConfigError> {
 
 /// Loads a bootstrap file.
 pub fn load_file(path: &str, registry: &FilterRegistry) -> Result<Bootstrap, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
     load_text(&text, registry)
 }
 
@@ -143,48 +167,88 @@ pub fn load_text(text: &str, registry: &FilterRegistry) -> Result<Bootstrap, Con
 }
 
 /// Validates and converts a bootstrap given as JSON.
-pub fn load_json(json: serde_json::Value, registry: &FilterRegistry) -> Result<Bootstrap, ConfigError> {
+pub fn load_json(
+    json: serde_json::Value,
+    registry: &FilterRegistry,
+) -> Result<Bootstrap, ConfigError> {
     const BOOTSTRAP: &str = "envoy.config.bootstrap.v3.Bootstrap";
-    let msg = legate_proto::dynamic_from_json(BOOTSTRAP, &json).map_err(|e| ConfigError::Parse(e.to_string()))?;
+    let msg = legate_proto::dynamic_from_json(BOOTSTRAP, &json)
+        .map_err(|e| ConfigError::Parse(e.to_string()))?;
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
     check::check_message(&msg, "", &mut errors, &mut warnings);
     if !errors.is_empty() {
         return Err(ConfigError::Invalid(errors));
     }
-    let typed: bs::Bootstrap = legate_proto::to_typed(&msg).map_err(|e| ConfigError::Parse(e.to_string()))?;
+    let typed: bs::Bootstrap =
+        legate_proto::to_typed(&msg).map_err(|e| ConfigError::Parse(e.to_string()))?;
     let dump = legate_proto::dynamic_to_json(&msg).unwrap_or(json);
-    let mut cx = Ctx { errors: Vec::new(), registry };
+    let mut cx = Ctx {
+        errors: Vec::new(),
+        cluster_refs: Vec::new(),
+        registry,
+    };
     let node = typed
         .node
         .as_ref()
-        .map(|n| NodeInfo { id: n.id.clone(), cluster: n.cluster.clone() })
+        .map(|n| NodeInfo {
+            id: n.id.clone(),
+            cluster: n.cluster.clone(),
+        })
         .unwrap_or_default();
-    let admin = typed.admin.as_ref().and_then(|a| socket_address(&mut cx, a.address.as_ref(), "admin.address"));
+    let admin = typed
+        .admin
+        .as_ref()
+        .and_then(|a| socket_address(&mut cx, a.address.as_ref(), "admin.address"));
     let mut listeners = Vec::new();
     let mut clusters = Vec::new();
     if let Some(sr) = &typed.static_resources {
         for (i, c) in sr.clusters.iter().enumerate() {
-            if let Some(c) = cluster::cluster(&mut cx, c, &format!("static_resources.clusters[{i}]")) {
+            if let Some(c) =
+                cluster::cluster(&mut cx, c, &format!("static_resources.clusters[{i}]"))
+            {
                 if clusters.iter().any(|x: &ClusterConfig| x.name == c.name) {
-                    cx.err(&format!("static_resources.clusters[{i}].name"), format!("duplicate cluster {}", c.name));
+                    cx.err(
+                        &format!("static_resources.clusters[{i}].name"),
+                        format!("duplicate cluster {}", c.name),
+                    );
                 }
                 clusters.push(c);
             }
         }
         for (i, l) in sr.listeners.iter().enumerate() {
-            if let Some(l) = listener::listener(&mut cx, l, &format!("static_resources.listeners[{i}]")) {
-                if listeners.iter().any(|x: &Arc<ListenerConfig>| x.name == l.name) {
-                    cx.err(&format!("static_resources.listeners[{i}].name"), format!("duplicate listener {}", l.name));
+            if let Some(l) =
+                listener::listener(&mut cx, l, &format!("static_resources.listeners[{i}]"))
+            {
+                if listeners
+                    .iter()
+                    .any(|x: &Arc<ListenerConfig>| x.name == l.name)
+                {
+                    cx.err(
+                        &format!("static_resources.listeners[{i}].name"),
+                        format!("duplicate listener {}", l.name),
+                    );
                 }
                 listeners.push(Arc::new(l));
             }
         }
     }
+    for (path, name) in std::mem::take(&mut cx.cluster_refs) {
+        if !clusters.iter().any(|c| c.name == name) {
+            cx.err(&path, format!("route references unknown cluster '{name}' (set validate_clusters: false to allow it)"));
+        }
+    }
     if !cx.errors.is_empty() {
         return Err(ConfigError::Invalid(cx.errors));
     }
-    Ok(Bootstrap { node, admin, listeners, clusters, json: dump, warnings })
+    Ok(Bootstrap {
+        node,
+        admin,
+        listeners,
+        clusters,
+        json: dump,
+        warnings,
+    })
 }
 
 #[cfg(test)]
@@ -201,7 +265,10 @@ mod tests {
             "static_resources:\n  clusters:\n  - name: c\n    type: STATIC\n    health_checks: [{timeout: 1s, interval: 1s, http_health_check: {path: /}}]\n",
         );
         let msg = err.err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(msg.contains("static_resources.clusters[0].health_checks"), "{msg}");
+        assert!(
+            msg.contains("static_resources.clusters[0].health_checks"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -17,10 +17,47 @@ pub(crate) fn route_table(cx: &mut Ctx<'_>, rc: &rt::RouteConfiguration, path: &
     for (i, vh) in rc.virtual_hosts.iter().enumerate() {
         vhosts.push(virtual_host(cx, vh, &format!("{path}.virtual_hosts[{i}]")));
     }
-    let req = header_ops(cx, &rc.request_headers_to_add, &rc.request_headers_to_remove, &format!("{path}.request_headers_to_add"));
-    let resp = header_ops(cx, &rc.response_headers_to_add, &rc.response_headers_to_remove, &format!("{path}.response_headers_to_add"));
+    let req = header_ops(
+        cx,
+        &rc.request_headers_to_add,
+        &rc.request_headers_to_remove,
+        &format!("{path}.request_headers_to_add"),
+    );
+    let resp = header_ops(
+        cx,
+        &rc.response_headers_to_add,
+        &rc.response_headers_to_remove,
+        &format!("{path}.response_headers_to_add"),
+    );
+    // Envoy checks that statically configured routes name existing clusters.
+    if rc.validate_clusters.is_none_or(|v| v.value) {
+        for (i, vh) in vhosts.iter().enumerate() {
+            for (j, r) in vh.routes.iter().enumerate() {
+                if let RouteAction::Forward(f) = &r.action {
+                    let p = format!("{path}.virtual_hosts[{i}].routes[{j}].route");
+                    match &f.target {
+                        ClusterTarget::Named(n) => {
+                            cx.cluster_refs.push((format!("{p}.cluster"), n.clone()))
+                        }
+                        ClusterTarget::Weighted { clusters, .. } => {
+                            for (k, c) in clusters.iter().enumerate() {
+                                cx.cluster_refs.push((
+                                    format!("{p}.weighted_clusters.clusters[{k}].name"),
+                                    c.name.clone(),
+                                ));
+                            }
+                        }
+                        ClusterTarget::Header(_) => {}
+                    }
+                }
+            }
+        }
+    }
     match RouteTable::new(rc.name.clone(), vhosts, req, resp) {
-        Ok(t) => t,
+        Ok(mut t) => {
+            t.most_specific_wins = rc.most_specific_header_mutations_wins;
+            t
+        }
         Err(e) => {
             cx.err(&format!("{path}.virtual_hosts"), e);
             RouteTable::default()
@@ -30,18 +67,27 @@ pub(crate) fn route_table(cx: &mut Ctx<'_>, rc: &rt::RouteConfiguration, path: &
 
 fn virtual_host(cx: &mut Ctx<'_>, vh: &rt::VirtualHost, path: &str) -> VirtualHost {
     if vh.domains.is_empty() {
-        cx.err(&format!("{path}.domains"), "at least one domain is required");
+        cx.err(
+            &format!("{path}.domains"),
+            "at least one domain is required",
+        );
     }
     let mut domains = Vec::new();
     for (i, d) in vh.domains.iter().enumerate() {
         let d = d.to_ascii_lowercase();
         if d != "*" && d.matches('*').count() > 0 && !(d.starts_with('*') ^ d.ends_with('*')) {
-            cx.err(&format!("{path}.domains[{i}]"), format!("invalid domain wildcard {d:?}"));
+            cx.err(
+                &format!("{path}.domains[{i}]"),
+                format!("invalid domain wildcard {d:?}"),
+            );
         }
         domains.push(d);
     }
     if vh.require_tls != 0 {
-        cx.err(&format!("{path}.require_tls"), "field not supported by Legate");
+        cx.err(
+            &format!("{path}.require_tls"),
+            "field not supported by Legate",
+        );
     }
     let routes = vh
         .routes
@@ -53,8 +99,18 @@ fn virtual_host(cx: &mut Ctx<'_>, vh: &rt::VirtualHost, path: &str) -> VirtualHo
         name: vh.name.clone(),
         domains,
         routes,
-        request_headers: header_ops(cx, &vh.request_headers_to_add, &vh.request_headers_to_remove, &format!("{path}.request_headers_to_add")),
-        response_headers: header_ops(cx, &vh.response_headers_to_add, &vh.response_headers_to_remove, &format!("{path}.response_headers_to_add")),
+        request_headers: header_ops(
+            cx,
+            &vh.request_headers_to_add,
+            &vh.request_headers_to_remove,
+            &format!("{path}.request_headers_to_add"),
+        ),
+        response_headers: header_ops(
+            cx,
+            &vh.response_headers_to_add,
+            &vh.response_headers_to_remove,
+            &format!("{path}.response_headers_to_add"),
+        ),
     }
 }
 
@@ -65,22 +121,36 @@ fn route(cx: &mut Ctx<'_>, r: &rt::Route, path: &str) -> Option<Route> {
     };
     let matcher = route_match(cx, m, &format!("{path}.match"))?;
     let action = match &r.action {
-        Some(rt::route::Action::Route(a)) => RouteAction::Forward(forward(cx, a, &format!("{path}.route"))?),
-        Some(rt::route::Action::Redirect(a)) => RouteAction::Redirect(redirect(cx, a, &format!("{path}.redirect"))?),
+        Some(rt::route::Action::Route(a)) => {
+            RouteAction::Forward(forward(cx, a, &format!("{path}.route"))?)
+        }
+        Some(rt::route::Action::Redirect(a)) => {
+            RouteAction::Redirect(redirect(cx, a, &format!("{path}.redirect"))?)
+        }
         Some(rt::route::Action::DirectResponse(a)) => {
-            let status = u16::try_from(a.status).ok().and_then(|s| StatusCode::from_u16(s).ok());
+            let status = u16::try_from(a.status)
+                .ok()
+                .and_then(|s| StatusCode::from_u16(s).ok());
             let Some(status) = status.filter(|s| s.as_u16() >= 200) else {
-                cx.err(&format!("{path}.direct_response.status"), format!("invalid status {}", a.status));
+                cx.err(
+                    &format!("{path}.direct_response.status"),
+                    format!("invalid status {}", a.status),
+                );
                 return None;
             };
             let body = match &a.body {
-                Some(ds) => Some(bytes::Bytes::from(cx.data_source(ds, &format!("{path}.direct_response.body"))?)),
+                Some(ds) => Some(bytes::Bytes::from(
+                    cx.data_source(ds, &format!("{path}.direct_response.body"))?,
+                )),
                 None => None,
             };
             RouteAction::Direct { status, body }
         }
         _ => {
-            cx.err(path, "route needs one of route, redirect or direct_response");
+            cx.err(
+                path,
+                "route needs one of route, redirect or direct_response",
+            );
             return None;
         }
     };
@@ -88,13 +158,27 @@ fn route(cx: &mut Ctx<'_>, r: &rt::Route, path: &str) -> Option<Route> {
         name: r.name.clone(),
         matcher,
         action,
-        request_headers: header_ops(cx, &r.request_headers_to_add, &r.request_headers_to_remove, &format!("{path}.request_headers_to_add")),
-        response_headers: header_ops(cx, &r.response_headers_to_add, &r.response_headers_to_remove, &format!("{path}.response_headers_to_add")),
+        request_headers: header_ops(
+            cx,
+            &r.request_headers_to_add,
+            &r.request_headers_to_remove,
+            &format!("{path}.request_headers_to_add"),
+        ),
+        response_headers: header_ops(
+            cx,
+            &r.response_headers_to_add,
+            &r.response_headers_to_remove,
+            &format!("{path}.response_headers_to_add"),
+        ),
     })
 }
 
 fn regex(cx: &mut Ctx<'_>, m: &matcher::RegexMatcher, path: &str, anchored: bool) -> Option<Regex> {
-    let pattern = if anchored { format!("^(?:{})$", m.regex) } else { m.regex.clone() };
+    let pattern = if anchored {
+        format!("^(?:{})$", m.regex)
+    } else {
+        m.regex.clone()
+    };
     match Regex::new(&pattern) {
         Ok(r) => Some(r),
         Err(e) => {
@@ -112,14 +196,22 @@ fn route_match(cx: &mut Ctx<'_>, m: &rt::RouteMatch, path: &str) -> Option<Route
         Some(P::Path(p)) => PathMatch::Exact(p.clone()),
         Some(P::PathSeparatedPrefix(p)) => {
             if p.contains('?') || p.contains('#') || (p.ends_with('/') && p.len() > 1) {
-                cx.err(&format!("{path}.path_separated_prefix"), "must not contain ?, # or end with /");
+                cx.err(
+                    &format!("{path}.path_separated_prefix"),
+                    "must not contain ?, # or end with /",
+                );
                 return None;
             }
             PathMatch::SeparatedPrefix(p.clone())
         }
-        Some(P::SafeRegex(r)) => PathMatch::Regex(regex(cx, r, &format!("{path}.safe_regex"), true)?),
+        Some(P::SafeRegex(r)) => {
+            PathMatch::Regex(regex(cx, r, &format!("{path}.safe_regex"), true)?)
+        }
         _ => {
-            cx.err(path, "one of prefix, path, safe_regex or path_separated_prefix is required");
+            cx.err(
+                path,
+                "one of prefix, path, safe_regex or path_separated_prefix is required",
+            );
             return None;
         }
     };
@@ -135,52 +227,100 @@ fn route_match(cx: &mut Ctx<'_>, m: &rt::RouteMatch, path: &str) -> Option<Route
             Some(Q::StringMatch(s)) => Some(string_matcher(cx, s, &format!("{p}.string_match"))?),
             Some(Q::PresentMatch(_)) | None => None,
         };
-        query.push(QueryMatcher { name: q.name.clone(), value });
+        query.push(QueryMatcher {
+            name: q.name.clone(),
+            value,
+        });
     }
-    Some(RouteMatch { path: path_match, case_sensitive, headers, query })
+    Some(RouteMatch {
+        path: path_match,
+        case_sensitive,
+        headers,
+        query,
+    })
 }
 
-pub(crate) fn string_matcher(cx: &mut Ctx<'_>, m: &matcher::StringMatcher, path: &str) -> Option<StringMatcher> {
+pub(crate) fn string_matcher(
+    cx: &mut Ctx<'_>,
+    m: &matcher::StringMatcher,
+    path: &str,
+) -> Option<StringMatcher> {
     use matcher::string_matcher::MatchPattern as M;
-    let lc = |s: &String| if m.ignore_case { s.to_ascii_lowercase() } else { s.clone() };
+    let lc = |s: &String| {
+        if m.ignore_case {
+            s.to_ascii_lowercase()
+        } else {
+            s.clone()
+        }
+    };
     let kind = match &m.match_pattern {
         Some(M::Exact(s)) => StringMatch::Exact(lc(s)),
         Some(M::Prefix(s)) => StringMatch::Prefix(lc(s)),
         Some(M::Suffix(s)) => StringMatch::Suffix(lc(s)),
         Some(M::Contains(s)) => StringMatch::Contains(lc(s)),
-        Some(M::SafeRegex(r)) => StringMatch::Regex(regex(cx, r, &format!("{path}.safe_regex"), true)?),
+        Some(M::SafeRegex(r)) => {
+            StringMatch::Regex(regex(cx, r, &format!("{path}.safe_regex"), true)?)
+        }
         _ => {
             cx.err(path, "a match pattern is required");
             return None;
         }
     };
-    Some(StringMatcher { kind, ignore_case: m.ignore_case })
+    Some(StringMatcher {
+        kind,
+        ignore_case: m.ignore_case,
+    })
 }
 
 fn header_matcher(cx: &mut Ctx<'_>, h: &rt::HeaderMatcher, path: &str) -> Option<HeaderMatcher> {
     use rt::header_matcher::HeaderMatchSpecifier as H;
     let Ok(name) = HeaderName::from_bytes(h.name.to_ascii_lowercase().as_bytes()) else {
-        cx.err(&format!("{path}.name"), format!("invalid header name {:?}", h.name));
+        cx.err(
+            &format!("{path}.name"),
+            format!("invalid header name {:?}", h.name),
+        );
         return None;
     };
-    let plain = |kind| StringMatcher { kind, ignore_case: false };
+    let plain = |kind| StringMatcher {
+        kind,
+        ignore_case: false,
+    };
     let kind = match &h.header_match_specifier {
         Some(H::ExactMatch(s)) => HeaderMatchKind::String(plain(StringMatch::Exact(s.clone()))),
         Some(H::PrefixMatch(s)) => HeaderMatchKind::String(plain(StringMatch::Prefix(s.clone()))),
         Some(H::SuffixMatch(s)) => HeaderMatchKind::String(plain(StringMatch::Suffix(s.clone()))),
-        Some(H::ContainsMatch(s)) => HeaderMatchKind::String(plain(StringMatch::Contains(s.clone()))),
-        Some(H::SafeRegexMatch(r)) => {
-            HeaderMatchKind::String(plain(StringMatch::Regex(regex(cx, r, &format!("{path}.safe_regex_match"), true)?)))
+        Some(H::ContainsMatch(s)) => {
+            HeaderMatchKind::String(plain(StringMatch::Contains(s.clone())))
         }
-        Some(H::StringMatch(s)) => HeaderMatchKind::String(string_matcher(cx, s, &format!("{path}.string_match"))?),
+        Some(H::SafeRegexMatch(r)) => HeaderMatchKind::String(plain(StringMatch::Regex(regex(
+            cx,
+            r,
+            &format!("{path}.safe_regex_match"),
+            true,
+        )?))),
+        Some(H::StringMatch(s)) => {
+            HeaderMatchKind::String(string_matcher(cx, s, &format!("{path}.string_match"))?)
+        }
         Some(H::PresentMatch(b)) => HeaderMatchKind::Present(*b),
-        Some(H::RangeMatch(r)) => HeaderMatchKind::Range { start: r.start, end: r.end },
+        Some(H::RangeMatch(r)) => HeaderMatchKind::Range {
+            start: r.start,
+            end: r.end,
+        },
         None => HeaderMatchKind::Present(true),
     };
-    Some(HeaderMatcher { name, kind, invert: h.invert_match, treat_missing_as_empty: h.treat_missing_header_as_empty })
+    Some(HeaderMatcher {
+        name,
+        kind,
+        invert: h.invert_match,
+        treat_missing_as_empty: h.treat_missing_header_as_empty,
+    })
 }
 
-fn substitution(cx: &mut Ctx<'_>, r: &matcher::RegexMatchAndSubstitute, path: &str) -> Option<(Regex, String)> {
+fn substitution(
+    cx: &mut Ctx<'_>,
+    r: &matcher::RegexMatchAndSubstitute,
+    path: &str,
+) -> Option<(Regex, String)> {
     let Some(p) = &r.pattern else {
         cx.err(&format!("{path}.pattern"), "required");
         return None;
@@ -219,13 +359,15 @@ fn forward(cx: &mut Ctx<'_>, a: &rt::RouteAction, path: &str) -> Option<ForwardA
     use rt::route_action::HostRewriteSpecifier as HR;
     let target = match &a.cluster_specifier {
         Some(C::Cluster(c)) => ClusterTarget::Named(c.clone()),
-        Some(C::ClusterHeader(h)) => match HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()) {
-            Ok(h) => ClusterTarget::Header(h),
-            Err(_) => {
-                cx.err(&format!("{path}.cluster_header"), "invalid header name");
-                return None;
+        Some(C::ClusterHeader(h)) => {
+            match HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()) {
+                Ok(h) => ClusterTarget::Header(h),
+                Err(_) => {
+                    cx.err(&format!("{path}.cluster_header"), "invalid header name");
+                    return None;
+                }
             }
-        },
+        }
         Some(C::WeightedClusters(w)) => {
             let mut clusters = Vec::new();
             for (i, c) in w.clusters.iter().enumerate() {
@@ -233,20 +375,36 @@ fn forward(cx: &mut Ctx<'_>, a: &rt::RouteAction, path: &str) -> Option<ForwardA
                 clusters.push(WeightedCluster {
                     name: c.name.clone(),
                     weight: u64::from(c.weight.map_or(0, |v| v.value)),
-                    request_headers: header_ops(cx, &c.request_headers_to_add, &c.request_headers_to_remove, &format!("{p}.request_headers_to_add")),
-                    response_headers: header_ops(cx, &c.response_headers_to_add, &c.response_headers_to_remove, &format!("{p}.response_headers_to_add")),
+                    request_headers: header_ops(
+                        cx,
+                        &c.request_headers_to_add,
+                        &c.request_headers_to_remove,
+                        &format!("{p}.request_headers_to_add"),
+                    ),
+                    response_headers: header_ops(
+                        cx,
+                        &c.response_headers_to_add,
+                        &c.response_headers_to_remove,
+                        &format!("{p}.response_headers_to_add"),
+                    ),
                 });
             }
             let sum: u64 = clusters.iter().map(|c| c.weight).sum();
             let total = w.total_weight.map_or(sum, |v| u64::from(v.value));
             if total == 0 || clusters.is_empty() {
-                cx.err(&format!("{path}.weighted_clusters"), "the sum of weights must be greater than 0");
+                cx.err(
+                    &format!("{path}.weighted_clusters"),
+                    "the sum of weights must be greater than 0",
+                );
                 return None;
             }
             ClusterTarget::Weighted { clusters, total }
         }
         _ => {
-            cx.err(path, "cluster, cluster_header or weighted_clusters is required");
+            cx.err(
+                path,
+                "cluster, cluster_header or weighted_clusters is required",
+            );
             return None;
         }
     };
@@ -254,13 +412,19 @@ fn forward(cx: &mut Ctx<'_>, a: &rt::RouteAction, path: &str) -> Option<ForwardA
         Some(HR::HostRewriteLiteral(h)) => match HeaderValue::from_str(h) {
             Ok(v) => (Some(v), false),
             Err(_) => {
-                cx.err(&format!("{path}.host_rewrite_literal"), "invalid header value");
+                cx.err(
+                    &format!("{path}.host_rewrite_literal"),
+                    "invalid header value",
+                );
                 return None;
             }
         },
         Some(HR::AutoHostRewrite(b)) => (None, b.value),
         Some(_) => {
-            cx.err(&format!("{path}.host_rewrite_specifier"), "only host_rewrite_literal and auto_host_rewrite are supported");
+            cx.err(
+                &format!("{path}.host_rewrite_specifier"),
+                "only host_rewrite_literal and auto_host_rewrite are supported",
+            );
             return None;
         }
         None => (None, false),
@@ -274,22 +438,38 @@ fn forward(cx: &mut Ctx<'_>, a: &rt::RouteAction, path: &str) -> Option<ForwardA
         use rt::route_action::hash_policy::PolicySpecifier as PS;
         let p = format!("{path}.hash_policy[{i}]");
         hash_policy.push(match &h.policy_specifier {
-            Some(PS::Header(hh)) => match HeaderName::from_bytes(hh.header_name.to_ascii_lowercase().as_bytes()) {
-                Ok(name) => HashPolicy::Header { name, terminal: h.terminal },
-                Err(_) => {
-                    cx.err(&format!("{p}.header.header_name"), "invalid header name");
-                    return None;
+            Some(PS::Header(hh)) => {
+                match HeaderName::from_bytes(hh.header_name.to_ascii_lowercase().as_bytes()) {
+                    Ok(name) => HashPolicy::Header {
+                        name,
+                        terminal: h.terminal,
+                    },
+                    Err(_) => {
+                        cx.err(&format!("{p}.header.header_name"), "invalid header name");
+                        return None;
+                    }
                 }
-            },
+            }
             Some(PS::Cookie(c)) => {
                 if c.ttl.is_some() {
-                    cx.err(&format!("{p}.cookie.ttl"), "generated cookies are not supported by Legate");
+                    cx.err(
+                        &format!("{p}.cookie.ttl"),
+                        "generated cookies are not supported by Legate",
+                    );
                 }
-                HashPolicy::Cookie { name: c.name.clone(), terminal: h.terminal }
+                HashPolicy::Cookie {
+                    name: c.name.clone(),
+                    terminal: h.terminal,
+                }
             }
-            Some(PS::ConnectionProperties(c)) if c.source_ip => HashPolicy::SourceIp { terminal: h.terminal },
+            Some(PS::ConnectionProperties(c)) if c.source_ip => HashPolicy::SourceIp {
+                terminal: h.terminal,
+            },
             _ => {
-                cx.err(&p, "only header, cookie and connection_properties.source_ip are supported");
+                cx.err(
+                    &p,
+                    "only header, cookie and connection_properties.source_ip are supported",
+                );
                 return None;
             }
         });
@@ -332,9 +512,16 @@ fn redirect(cx: &mut Ctx<'_>, a: &rt::RedirectAction, path: &str) -> Option<Redi
     let (p, prefix, re) = match &a.path_rewrite_specifier {
         Some(PR::PathRedirect(p)) => (Some(p.clone()), None, None),
         Some(PR::PrefixRewrite(p)) => (None, Some(p.clone()), None),
-        Some(PR::RegexRewrite(r)) => (None, None, Some(substitution(cx, r, &format!("{path}.regex_rewrite"))?)),
+        Some(PR::RegexRewrite(r)) => (
+            None,
+            None,
+            Some(substitution(cx, r, &format!("{path}.regex_rewrite"))?),
+        ),
         Some(_) => {
-            cx.err(&format!("{path}.path_rewrite"), "field not supported by Legate");
+            cx.err(
+                &format!("{path}.path_rewrite"),
+                "field not supported by Legate",
+            );
             return None;
         }
         None => (None, None, None),
@@ -346,7 +533,10 @@ fn redirect(cx: &mut Ctx<'_>, a: &rt::RedirectAction, path: &str) -> Option<Redi
         3 => StatusCode::TEMPORARY_REDIRECT,
         4 => StatusCode::PERMANENT_REDIRECT,
         other => {
-            cx.err(&format!("{path}.response_code"), format!("unknown response code {other}"));
+            cx.err(
+                &format!("{path}.response_code"),
+                format!("unknown response code {other}"),
+            );
             return None;
         }
     };
@@ -362,7 +552,12 @@ fn redirect(cx: &mut Ctx<'_>, a: &rt::RedirectAction, path: &str) -> Option<Redi
     })
 }
 
-pub(crate) fn header_ops(cx: &mut Ctx<'_>, add: &[core::HeaderValueOption], remove: &[String], path: &str) -> HeaderOps {
+pub(crate) fn header_ops(
+    cx: &mut Ctx<'_>,
+    add: &[core::HeaderValueOption],
+    remove: &[String],
+    path: &str,
+) -> HeaderOps {
     let mut ops = HeaderOps::default();
     for (i, o) in add.iter().enumerate() {
         let p = format!("{path}[{i}]");
@@ -371,11 +566,17 @@ pub(crate) fn header_ops(cx: &mut Ctx<'_>, add: &[core::HeaderValueOption], remo
             continue;
         };
         let Ok(name) = HeaderName::from_bytes(h.key.to_ascii_lowercase().as_bytes()) else {
-            cx.err(&format!("{p}.header.key"), format!("invalid header name {:?}", h.key));
+            cx.err(
+                &format!("{p}.header.key"),
+                format!("invalid header name {:?}", h.key),
+            );
             continue;
         };
         if h.value.contains('%') {
-            cx.err(&format!("{p}.header.value"), "format operators in header values are not supported by Legate");
+            cx.err(
+                &format!("{p}.header.value"),
+                "format operators in header values are not supported by Legate",
+            );
             continue;
         }
         let Ok(value) = HeaderValue::from_str(&h.value) else {
