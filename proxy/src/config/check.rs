@@ -469,3 +469,38 @@ pub fn join(path: &str, field: &str) -> String {
         format!("{path}.{field}")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `docs/configuration.md` must list every field Legate accepts or ignores.
+    #[test]
+    fn docs_list_every_table_entry() {
+        let docs = include_str!("../../../docs/configuration.md");
+        for (table, heading) in [
+            (SUPPORTED, "## Implemented"),
+            (IGNORED, "## Accepted with a warning"),
+        ] {
+            let Some(start) = docs.find(heading) else {
+                panic!("docs lack {heading}")
+            };
+            let section = &docs[start + heading.len()..];
+            let section = &section[..section.find("\n## ").unwrap_or(section.len())];
+            for (ty, fields) in table {
+                let line = section
+                    .lines()
+                    .find(|l| l.starts_with(&format!("- `{ty}`:")));
+                let Some(line) = line else {
+                    panic!("docs/configuration.md does not list {ty}")
+                };
+                for f in *fields {
+                    assert!(
+                        line.contains(&format!("`{f}`")),
+                        "docs/configuration.md: {ty} lacks {f}"
+                    );
+                }
+            }
+        }
+    }
+}
