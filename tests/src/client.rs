@@ -169,21 +169,38 @@ fn pairs(map: &http::HeaderMap) -> Vec<(String, String)> {
         .collect()
 }
 
-async fn exchange<IO>(io: IO, h2: bool, scheme: &str, req: &Request) -> Result<Response>
+/// Sends `req` `count` times, one after another, on the one connection `io`.
+async fn exchange<IO>(
+    io: IO,
+    h2: bool,
+    scheme: &str,
+    req: &Request,
+    count: usize,
+) -> Result<Vec<Response>>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let request = build(req, h2, scheme)?;
-    let response = if h2 {
+    let mut out = Vec::with_capacity(count);
+    if h2 {
         let (mut sender, conn) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io)).await?;
         tokio::spawn(conn);
-        sender.send_request(request).await?
+        for _ in 0..count {
+            sender.ready().await?;
+            out.push(collect(sender.send_request(build(req, h2, scheme)?).await?).await?);
+        }
     } else {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
         tokio::spawn(conn);
-        sender.send_request(request).await?
-    };
+        for _ in 0..count {
+            sender.ready().await?;
+            out.push(collect(sender.send_request(build(req, h2, scheme)?).await?).await?);
+        }
+    }
+    Ok(out)
+}
+
+async fn collect(response: http::Response<hyper::body::Incoming>) -> Result<Response> {
     let status = response.status().as_u16();
     let headers = pairs(response.headers());
     let collected = response.into_body().collect().await?;
@@ -221,19 +238,38 @@ pub fn tls_config(
 
 /// Sends one request on a new connection to `addr`.
 pub async fn send(addr: SocketAddr, transport: &Transport, req: &Request) -> Result<Response> {
-    tokio::time::timeout(REQUEST_TIMEOUT, send_inner(addr, transport, req))
+    send_many(addr, transport, req, 1)
+        .await?
+        .pop()
+        .ok_or_else(|| anyhow!("no response"))
+}
+
+/// Sends `req` `count` times in sequence over one new connection to `addr` (keep-alive on
+/// HTTP/1.1, one stream after another on HTTP/2).
+pub async fn send_many(
+    addr: SocketAddr,
+    transport: &Transport,
+    req: &Request,
+    count: usize,
+) -> Result<Vec<Response>> {
+    tokio::time::timeout(REQUEST_TIMEOUT, send_inner(addr, transport, req, count))
         .await
         .map_err(|_| anyhow!("request to {addr} timed out after {REQUEST_TIMEOUT:?}"))?
 }
 
-async fn send_inner(addr: SocketAddr, transport: &Transport, req: &Request) -> Result<Response> {
+async fn send_inner(
+    addr: SocketAddr,
+    transport: &Transport,
+    req: &Request,
+    count: usize,
+) -> Result<Vec<Response>> {
     let tcp = TcpStream::connect(addr)
         .await
         .with_context(|| format!("connecting to {addr}"))?;
     tcp.set_nodelay(true)?;
     match transport {
-        Transport::H1 => exchange(tcp, false, "http", req).await,
-        Transport::H2c => exchange(tcp, true, "http", req).await,
+        Transport::H1 => exchange(tcp, false, "http", req, count).await,
+        Transport::H2c => exchange(tcp, true, "http", req, count).await,
         Transport::Tls {
             pki,
             sni,
@@ -253,9 +289,11 @@ async fn send_inner(addr: SocketAddr, transport: &Transport, req: &Request) -> R
                 .alpn_protocol()
                 .map(|p| String::from_utf8_lossy(p).into_owned());
             let h2 = negotiated.as_deref() == Some("h2");
-            let mut response = exchange(tls, h2, "https", req).await?;
-            response.alpn = negotiated;
-            Ok(response)
+            let mut responses = exchange(tls, h2, "https", req, count).await?;
+            for r in &mut responses {
+                r.alpn = negotiated.clone();
+            }
+            Ok(responses)
         }
     }
 }

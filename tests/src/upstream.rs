@@ -10,7 +10,8 @@
 //!
 //! Control headers: `x-echo-status: 503` sets the status, `x-echo-header: name=value` (repeatable)
 //! adds a response header, `x-echo-delay-ms: 500` delays the response, `x-echo-body: text`
-//! replaces the JSON body. Requests with `content-type: application/grpc*` are served by the
+//! replaces the JSON body, `x-echo-body-size: N` replaces it with N bytes of `y`, and
+//! `x-echo-chunks: N` sends the body as N frames with no content-length (chunked on HTTP/1.1). Requests with `content-type: application/grpc*` are served by the
 //! gRPC echo in [`crate::grpc`].
 
 use std::collections::BTreeMap;
@@ -22,8 +23,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -37,6 +38,9 @@ use crate::grpc::{self, RespBody};
 
 /// Upper bound on `x-echo-delay-ms`, so a typo cannot hang a test.
 const MAX_DELAY: Duration = Duration::from_secs(10);
+
+/// Upper bound on `x-echo-body-size`.
+const MAX_BODY: usize = 16 * 1024 * 1024;
 
 /// What an echo upstream reports about the request it received.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -175,7 +179,15 @@ async fn handle(
         .map(Duration::from_millis)
         .unwrap_or_default()
         .min(MAX_DELAY);
-    let literal_body = header(&req, "x-echo-body").map(str::to_string);
+    let literal_body = header(&req, "x-echo-body").map(str::to_string).or_else(|| {
+        header(&req, "x-echo-body-size")
+            .and_then(|n| n.parse::<usize>().ok())
+            .map(|n| "y".repeat(n.min(MAX_BODY)))
+    });
+    let chunks = header(&req, "x-echo-chunks")
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(1)
+        .clamp(1, 1024);
     let extra: Vec<(String, String)> = req
         .headers()
         .get_all("x-echo-header")
@@ -231,7 +243,18 @@ async fn handle(
             Bytes::from(serde_json::to_vec(&echo).unwrap_or_default()),
         ),
     };
-    let mut response = http::Response::new(Full::new(payload).boxed());
+    let body = if chunks > 1 {
+        // Separate frames and no length: chunked on HTTP/1.1.
+        let size = payload.len().div_ceil(chunks).max(1);
+        let frames: Vec<Result<Frame<Bytes>, Infallible>> = payload
+            .chunks(size)
+            .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+            .collect();
+        StreamBody::new(futures_util::stream::iter(frames)).boxed()
+    } else {
+        Full::new(payload).boxed()
+    };
+    let mut response = http::Response::new(body);
     *response.status_mut() = status;
     let h = response.headers_mut();
     h.insert(

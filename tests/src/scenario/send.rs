@@ -19,16 +19,31 @@ pub(super) async fn attempts(
     pki: &SharedPki,
 ) -> Result<Vec<Outcome>> {
     let addr = proxy.listener(&request.listener)?;
+    if request.same_connection {
+        let (transport, req) = prepare(request, pki);
+        return Ok(
+            match client::send_many(addr, &transport, &req, request.repeat).await {
+                Ok(responses) => responses
+                    .into_iter()
+                    .map(|response| Outcome::Response {
+                        response,
+                        interim: Vec::new(),
+                    })
+                    .collect(),
+                Err(e) => vec![Outcome::Error(format!("{e:#}")); request.repeat],
+            },
+        );
+    }
     let mut out = Vec::with_capacity(request.repeat);
     for _ in 0..request.repeat {
         let outcome = attempt(addr, request, pki).await?;
         // A proxy that hangs once will hang again: don't wait out every repeat.
         let hung = matches!(&outcome, Outcome::Error(e) if e.contains("timed out"));
-        out.push(outcome);
         if hung {
-            out.resize(request.repeat, out[out.len() - 1].clone());
+            out.resize(request.repeat, outcome);
             break;
         }
+        out.push(outcome);
     }
     Ok(out)
 }
@@ -65,10 +80,7 @@ fn headers_of(request: &RequestSpec) -> Vec<(String, String)> {
     headers
 }
 
-async fn attempt(addr: SocketAddr, request: &RequestSpec, pki: &SharedPki) -> Result<Outcome> {
-    if request.expect_continue {
-        return expect_continue(addr, request).await;
-    }
+fn prepare(request: &RequestSpec, pki: &SharedPki) -> (Transport, client::Request) {
     let transport = match request.protocol {
         ClientProtocol::H1 => Transport::H1,
         ClientProtocol::H2c => Transport::H2c,
@@ -97,6 +109,24 @@ async fn attempt(addr: SocketAddr, request: &RequestSpec, pki: &SharedPki) -> Re
         headers: headers_of(request),
         body: body_of(request),
     };
+    (transport, req)
+}
+
+async fn attempt(addr: SocketAddr, request: &RequestSpec, pki: &SharedPki) -> Result<Outcome> {
+    if request.expect_continue {
+        return expect_continue(addr, request).await;
+    }
+    if let Some(bytes) = &request.raw {
+        return Ok(match raw::exchange(addr, bytes.as_bytes()).await {
+            Ok(raw::RawOutcome::Response(r)) => Outcome::Response {
+                response: from_raw(r),
+                interim: Vec::new(),
+            },
+            Ok(raw::RawOutcome::Closed) => Outcome::Error("closed without a response".into()),
+            Err(e) => Outcome::Error(format!("{e:#}")),
+        });
+    }
+    let (transport, req) = prepare(request, pki);
     Ok(match client::send(addr, &transport, &req).await {
         Ok(response) => Outcome::Response {
             response,
@@ -104,6 +134,16 @@ async fn attempt(addr: SocketAddr, request: &RequestSpec, pki: &SharedPki) -> Re
         },
         Err(e) => Outcome::Error(format!("{e:#}")),
     })
+}
+
+fn from_raw(r: raw::RawResponse) -> client::Response {
+    client::Response {
+        status: r.status,
+        headers: r.headers,
+        body: Bytes::from(r.body),
+        trailers: Vec::new(),
+        alpn: None,
+    }
 }
 
 async fn expect_continue(addr: SocketAddr, request: &RequestSpec) -> Result<Outcome> {
@@ -125,13 +165,7 @@ async fn expect_continue(addr: SocketAddr, request: &RequestSpec) -> Result<Outc
     Ok(
         match raw::expect_continue(addr, head.as_bytes(), &body).await {
             Ok((interim, r)) => Outcome::Response {
-                response: client::Response {
-                    status: r.status,
-                    headers: r.headers,
-                    body: Bytes::from(r.body),
-                    trailers: Vec::new(),
-                    alpn: None,
-                },
+                response: from_raw(r),
                 interim,
             },
             Err(e) => Outcome::Error(format!("{e:#}")),

@@ -112,6 +112,12 @@ pub struct RequestSpec {
     pub expect_continue: bool,
     #[serde(default = "one")]
     pub repeat: usize,
+    /// Send all `repeat` attempts on one connection (keep-alive / successive h2 streams).
+    #[serde(default)]
+    pub same_connection: bool,
+    /// Send these bytes verbatim over TCP instead (HTTP/1.x wire-level cases); a close with no
+    /// response is observed as `error: true`.
+    pub raw: Option<String>,
     pub expect: Expect,
     /// Keys compared between the proxies without a pinned value (e.g. `header:content-type`).
     #[serde(default)]
@@ -129,6 +135,7 @@ pub struct Expect {
     /// The request fails below HTTP (refused, reset, TLS handshake failure).
     pub error: Option<bool>,
     pub body: Option<String>,
+    pub body_len: Option<usize>,
     #[serde(default)]
     pub body_contains: Vec<String>,
     /// Response headers; `~` means absent. Repeated headers are joined with `", "`.
@@ -180,6 +187,9 @@ impl Expect {
         }
         if let Some(v) = &self.body {
             put("body".into(), json!(v));
+        }
+        if let Some(v) = self.body_len {
+            put("body_len".into(), json!(v));
         }
         for s in &self.body_contains {
             put(format!("body_contains:{s}"), json!(true));
