@@ -69,6 +69,8 @@ pub struct ConnInfo {
     pub tls: bool,
     pub sni: Option<String>,
     pub peer_principals: Vec<String>,
+    /// Set by [`crate::sniff::Sniffed`] when a request head had conflicting framing.
+    pub framing_conflict: Arc<std::sync::atomic::AtomicBool>,
     pub hcm: Arc<HcmConfig>,
     pub runtime: Arc<Runtime>,
 }
@@ -121,8 +123,10 @@ pub async fn handle(
         return Ok(resp);
     }
     if req.version() != Version::HTTP_2
-        && req.headers().contains_key(header::CONTENT_LENGTH)
         && req.headers().contains_key(header::TRANSFER_ENCODING)
+        && conn
+            .framing_conflict
+            .load(std::sync::atomic::Ordering::Relaxed)
     {
         // RFC 9112 §6.3: a request smuggling vector. Envoy answers 400 and closes.
         hcm.stats.rq_total.inc();

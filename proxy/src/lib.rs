@@ -10,6 +10,7 @@ pub mod lb;
 pub mod listener;
 pub mod route;
 pub mod server;
+pub mod sniff;
 pub mod stats;
 pub mod tls;
 pub mod tls_inspector;

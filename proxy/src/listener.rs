@@ -274,30 +274,41 @@ async fn connection(
                 active.dec();
                 return Ok(());
             }
+            let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let info = ConnInfo {
                 remote,
                 local,
                 tls: true,
                 sni,
                 peer_principals: sans.map(|s| s.principals()).unwrap_or_default(),
+                framing_conflict: flag.clone(),
                 hcm,
                 runtime,
             };
             let codec = if h2 { Codec::Http2 } else { info.hcm.codec };
-            serve_http(s, Arc::new(info), codec, drain).await
+            serve_http(
+                crate::sniff::Sniffed::new(s, flag),
+                Arc::new(info),
+                codec,
+                drain,
+            )
+            .await
         }
         None => {
+            let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let info = ConnInfo {
                 remote,
                 local,
                 tls: false,
                 sni: detected.sni,
                 peer_principals: Vec::new(),
+                framing_conflict: flag.clone(),
                 hcm,
                 runtime,
             };
             let codec = info.hcm.codec;
-            serve_http(stream, Arc::new(info), codec, drain).await
+            let io = crate::sniff::Sniffed::new(stream, flag);
+            serve_http(io, Arc::new(info), codec, drain).await
         }
     };
     active.dec();
