@@ -21,7 +21,10 @@ use tokio::net::TcpStream;
 use crate::certs::{provider, TestPki};
 
 /// How long one request may take, connection included.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The marker in the error of a request that hit [`REQUEST_TIMEOUT`].
+pub const TIMED_OUT: &str = "timed out after";
 
 /// Which client certificate to present over TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -254,7 +257,7 @@ pub async fn send_many(
 ) -> Result<Vec<Response>> {
     tokio::time::timeout(REQUEST_TIMEOUT, send_inner(addr, transport, req, count))
         .await
-        .map_err(|_| anyhow!("request to {addr} timed out after {REQUEST_TIMEOUT:?}"))?
+        .map_err(|_| anyhow!("request to {addr} {TIMED_OUT} {REQUEST_TIMEOUT:?}"))?
 }
 
 async fn send_inner(

@@ -28,6 +28,11 @@ const NO_RESPONSE: &str = "<no response>";
 const NOT_ECHO: &str = "<not an echo response>";
 
 impl Outcome {
+    /// Whether this attempt hit the client's request timeout.
+    pub fn timed_out(&self) -> bool {
+        matches!(self, Outcome::Error(e) if e.contains(crate::client::TIMED_OUT))
+    }
+
     fn echo(&self) -> Option<Echo> {
         match self {
             Outcome::Response { response, .. } => serde_json::from_slice(&response.body).ok(),

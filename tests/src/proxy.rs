@@ -19,7 +19,7 @@ use crate::client::admin_get;
 use crate::process::ProcessGuard;
 
 /// How long a proxy may take to become ready.
-pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Poll interval while waiting for readiness.
 const POLL: Duration = Duration::from_millis(25);

@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// How long to wait for bytes from the proxy.
-pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A parsed response head and body.
 #[derive(Debug, Clone, Default)]
@@ -60,7 +60,10 @@ impl RawConn {
         }
         let mut chunk = [0u8; 16 * 1024];
         let n = match tokio::time::timeout(READ_TIMEOUT, self.tcp.read(&mut chunk)).await {
-            Err(_) => bail!("no bytes from the peer within {READ_TIMEOUT:?}"),
+            Err(_) => bail!(
+                "no bytes from the peer: {} {READ_TIMEOUT:?}",
+                crate::client::TIMED_OUT
+            ),
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => 0,
             Ok(r) => r?,
         };

@@ -38,7 +38,7 @@ pub(super) async fn attempts(
     for _ in 0..request.repeat {
         let outcome = attempt(addr, request, pki).await?;
         // A proxy that hangs once will hang again: don't wait out every repeat.
-        let hung = matches!(&outcome, Outcome::Error(e) if e.contains("timed out"));
+        let hung = outcome.timed_out();
         if hung {
             out.resize(request.repeat, outcome);
             break;
