@@ -90,3 +90,26 @@ fn validate_rejects_an_unsupported_field_by_path() -> Result<()> {
     }
     Ok(())
 }
+
+/// Well-formed protos that do not make a working config: both proxies refuse them and say
+/// what is wrong.
+#[test]
+fn validate_rejects_semantic_errors() -> Result<()> {
+    for (file, needle) in [
+        ("unknown_cluster.yaml", "ghost"),
+        ("bad_regex.yaml", "[0-9"),
+    ] {
+        let config = fixture(file);
+        for kind in sides()? {
+            let f = validate(kind, &config)?;
+            ensure!(!f.status.success(), "{file}: {}", describe(kind, &f));
+            let output = format!("{}{}", f.stdout, f.stderr);
+            ensure!(
+                output.contains(needle),
+                "{file}: expected {needle:?} in the output\n{}",
+                describe(kind, &f)
+            );
+        }
+    }
+    Ok(())
+}
