@@ -29,7 +29,12 @@ pub struct LocalReply {
 impl LocalReply {
     /// A plain-text local reply.
     pub fn new(status: StatusCode, body: impl Into<Bytes>) -> Self {
-        Self { status, headers: HeaderMap::new(), body: body.into(), response_flag: None }
+        Self {
+            status,
+            headers: HeaderMap::new(),
+            body: body.into(),
+            response_flag: None,
+        }
     }
 }
 

@@ -22,7 +22,10 @@ pub enum FilterConfig {
     /// `envoy.filters.http.router`: the proxy forwards the request upstream here.
     Router(crate::router::RouterConfig),
     /// Any other filter.
-    Filter { name: String, filter: Arc<dyn HttpFilter> },
+    Filter {
+        name: String,
+        filter: Arc<dyn HttpFilter>,
+    },
 }
 
 /// Builds filters of one type from their decoded `typed_config`.
@@ -77,9 +80,9 @@ impl FilterRegistry {
         type_url: &str,
         config: &DynamicMessage,
     ) -> Result<FilterConfig, FilterError> {
-        let factory = self
-            .get(type_url)
-            .ok_or_else(|| FilterError::UnknownType { type_url: type_url.to_owned() })?;
+        let factory = self.get(type_url).ok_or_else(|| FilterError::UnknownType {
+            type_url: type_url.to_owned(),
+        })?;
         factory.create(name, config)
     }
 }

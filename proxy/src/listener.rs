@@ -290,6 +290,7 @@ async fn connection(
                 crate::sniff::Sniffed::new(s, flag),
                 Arc::new(info),
                 codec,
+                config.buffer_limit,
                 drain,
             )
             .await
@@ -308,7 +309,7 @@ async fn connection(
             };
             let codec = info.hcm.codec;
             let io = crate::sniff::Sniffed::new(stream, flag);
-            serve_http(io, Arc::new(info), codec, drain).await
+            serve_http(io, Arc::new(info), codec, config.buffer_limit, drain).await
         }
     };
     active.dec();
@@ -319,6 +320,7 @@ async fn serve_http<S>(
     io: S,
     info: Arc<ConnInfo>,
     codec: Codec,
+    buffer_limit: Option<u32>,
     mut drain: watch::Receiver<bool>,
 ) -> std::io::Result<()>
 where
@@ -328,11 +330,14 @@ where
     let svc = service_fn(move |req| crate::hcm::handle(info.clone(), req));
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let max_headers = (hcm.max_request_headers_kb as usize * 1024).max(8192);
+    // `per_connection_buffer_limit_bytes` (Envoy's default 1 MiB) bounds the HTTP/1.1 read
+    // buffer; it never goes below what the header limit needs.
+    let read_buffer = (buffer_limit.unwrap_or(1024 * 1024) as usize).max(max_headers + 1024);
     builder
         .http1()
         .timer(TokioTimer::new())
         .keep_alive(true)
-        .max_buf_size(max_headers)
+        .max_buf_size(read_buffer)
         .header_read_timeout(hcm.idle_timeout.unwrap_or(Duration::from_secs(3600)));
     builder
         .http2()
