@@ -14,8 +14,8 @@ use crate::accesslog::{AccessLog, Record};
 use crate::body::{Completion, ProxyBody};
 use crate::lb::hash64;
 use crate::route::{
-    ClusterTarget, ForwardAction, HashPolicy, PathMatch, RedirectAction, Route, RouteAction,
-    RouteTable, VirtualHost,
+    ClusterTarget, ForwardAction, HashPolicy, PathMatch, RedirectAction, RequestView, Route,
+    RouteAction, RouteTable, VirtualHost,
 };
 use crate::server::Runtime;
 use crate::stats::HttpStats;
@@ -53,6 +53,8 @@ pub struct HcmConfig {
     pub skip_xff_append: bool,
     pub generate_request_id: bool,
     pub always_set_request_id_in_response: bool,
+    /// `http_protocol_options.accept_http_10`.
+    pub accept_http_10: bool,
     pub server_name: HeaderValue,
     pub server_header: ServerHeader,
     pub access_logs: Arc<[AccessLog]>,
@@ -122,6 +124,15 @@ pub async fn handle(
         hcm.stats.rq_classes.record(431);
         return Ok(resp);
     }
+    if let Some(status) = codec_violation(&req, hcm) {
+        hcm.stats.rq_total.inc();
+        hcm.stats.rq_classes.record(status.as_u16());
+        let mut resp = Response::new(ProxyBody::empty());
+        *resp.status_mut() = status;
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Ok(resp);
+    }
     if req.version() != Version::HTTP_2
         && req.headers().contains_key(header::TRANSFER_ENCODING)
         && conn
@@ -179,6 +190,22 @@ pub async fn handle(
     hcm.stats.rq_active.dec();
     stream.finish(&mut resp);
     Ok(resp)
+}
+
+/// Envoy's HTTP/1 codec refuses HTTP/1.0 unless `accept_http_10` (426) and an HTTP/1.1
+/// request without `Host` (400).
+fn codec_violation<B>(req: &Request<B>, hcm: &HcmConfig) -> Option<StatusCode> {
+    match req.version() {
+        Version::HTTP_10 | Version::HTTP_09 if !hcm.accept_http_10 => {
+            Some(StatusCode::UPGRADE_REQUIRED)
+        }
+        Version::HTTP_11
+            if req.uri().authority().is_none() && !req.headers().contains_key(header::HOST) =>
+        {
+            Some(StatusCode::BAD_REQUEST)
+        }
+        _ => None,
+    }
 }
 
 /// A request refused at the codec level; HTTP/2 resets the stream, HTTP/1.1 closes.
@@ -279,7 +306,14 @@ impl Stream<'_> {
         let Some(vh) = table.virtual_host(&host) else {
             return self.no_route();
         };
-        let Some(route) = vh.route(&path, req.headers()) else {
+        let view = RequestView {
+            method: req.method().as_str(),
+            authority: &host,
+            path_and_query: &path,
+            scheme: if conn.tls { "https" } else { "http" },
+            headers: req.headers(),
+        };
+        let Some(route) = vh.route(&view) else {
             return self.no_route();
         };
         self.ctx.route_name = Some(route.name.clone()).filter(|n| !n.is_empty());

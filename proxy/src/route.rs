@@ -113,19 +113,52 @@ pub enum HeaderMatchKind {
     Range { start: i64, end: i64 },
 }
 
+/// Where a header matcher reads its value: a header or one of HTTP/2's pseudo-headers (which
+/// Envoy also exposes for HTTP/1.1 requests).
+#[derive(Debug)]
+pub enum HeaderSource {
+    Header(HeaderName),
+    Method,
+    Authority,
+    Path,
+    Scheme,
+}
+
+/// The parts of a request that route matching reads.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestView<'a> {
+    pub method: &'a str,
+    pub authority: &'a str,
+    pub path_and_query: &'a str,
+    pub scheme: &'a str,
+    pub headers: &'a HeaderMap,
+}
+
 /// A `HeaderMatcher`.
 #[derive(Debug)]
 pub struct HeaderMatcher {
-    pub name: HeaderName,
+    pub name: HeaderSource,
     pub kind: HeaderMatchKind,
     pub invert: bool,
     pub treat_missing_as_empty: bool,
 }
 
 impl HeaderMatcher {
-    /// Whether the request headers satisfy this matcher.
-    pub fn matches(&self, headers: &HeaderMap) -> bool {
-        let mut values = headers.get_all(&self.name).iter().peekable();
+    /// Whether the request satisfies this matcher.
+    pub fn matches(&self, req: &RequestView<'_>) -> bool {
+        let name = match &self.name {
+            HeaderSource::Header(n) => n,
+            other => {
+                let v = match other {
+                    HeaderSource::Method => req.method,
+                    HeaderSource::Authority => req.authority,
+                    HeaderSource::Path => req.path_and_query,
+                    _ => req.scheme,
+                };
+                return self.matches_value(Some(v.into()));
+            }
+        };
+        let mut values = req.headers.get_all(name).iter().peekable();
         let joined: Option<std::borrow::Cow<'_, str>> = match values.next() {
             None => None,
             Some(first) => {
@@ -142,6 +175,10 @@ impl HeaderMatcher {
                 }
             }
         };
+        self.matches_value(joined)
+    }
+
+    fn matches_value(&self, joined: Option<std::borrow::Cow<'_, str>>) -> bool {
         let joined = match (joined, self.treat_missing_as_empty) {
             (None, true) => Some("".into()),
             (j, _) => j,
@@ -377,7 +414,8 @@ impl RouteTable {
 
 impl VirtualHost {
     /// The first route whose match accepts the request.
-    pub fn route(&self, path_and_query: &str, headers: &HeaderMap) -> Option<&Route> {
+    pub fn route(&self, req: &RequestView<'_>) -> Option<&Route> {
+        let path_and_query = req.path_and_query;
         let (path, query) = match path_and_query.find('?') {
             Some(i) => (&path_and_query[..i], Some(&path_and_query[i + 1..])),
             None => (path_and_query, None),
@@ -386,12 +424,12 @@ impl VirtualHost {
         let path = path.split('#').next().unwrap_or(path);
         self.routes
             .iter()
-            .find(|r| r.matcher.matches(path, query, headers))
+            .find(|r| r.matcher.matches(path, query, req))
     }
 }
 
 impl RouteMatch {
-    fn matches(&self, path: &str, query: Option<&str>, headers: &HeaderMap) -> bool {
+    fn matches(&self, path: &str, query: Option<&str>, req: &RequestView<'_>) -> bool {
         let path_ok = match &self.path {
             PathMatch::Prefix(p) => starts_with(path, p, self.case_sensitive),
             PathMatch::Exact(p) => eq(path, p, self.case_sensitive),
@@ -402,7 +440,7 @@ impl RouteMatch {
             PathMatch::Regex(r) => r.is_match(path),
         };
         path_ok
-            && self.headers.iter().all(|h| h.matches(headers))
+            && self.headers.iter().all(|h| h.matches(req))
             && self.query.iter().all(|q| q.matches(query))
     }
 }
@@ -512,20 +550,27 @@ mod tests {
     fn header_matchers() {
         let mut h = HeaderMap::new();
         h.insert("x-num", HeaderValue::from_static("42"));
+        let view = RequestView {
+            method: "GET",
+            authority: "h",
+            path_and_query: "/",
+            scheme: "http",
+            headers: &h,
+        };
         let range = HeaderMatcher {
-            name: HeaderName::from_static("x-num"),
+            name: HeaderSource::Header(HeaderName::from_static("x-num")),
             kind: HeaderMatchKind::Range { start: 40, end: 43 },
             invert: false,
             treat_missing_as_empty: false,
         };
-        assert!(range.matches(&h));
+        assert!(range.matches(&view));
         let absent = HeaderMatcher {
-            name: HeaderName::from_static("x-missing"),
+            name: HeaderSource::Header(HeaderName::from_static("x-missing")),
             kind: HeaderMatchKind::Present(true),
             invert: true,
             treat_missing_as_empty: false,
         };
-        assert!(absent.matches(&h));
+        assert!(absent.matches(&view));
     }
 
     #[test]

@@ -51,6 +51,29 @@ impl Proxy {
         self.guard.output()
     }
 
+    /// The process id (for signals and `/proc`).
+    pub fn pid(&self) -> u32 {
+        self.guard.id()
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.guard.exited() {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not exit within {timeout:?}\n{}",
+                    self.kind,
+                    self.output()
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
     /// Starts `kind` with the bootstrap at `config`, in `dir`, and waits until it is ready.
     pub async fn start(kind: ProxyKind, config: &Path, dir: &Path) -> Result<Self> {
         let bin = kind.binary()?;

@@ -2,6 +2,7 @@
 //! TCP, and `--mode validate`.
 
 mod harness;
+mod lifecycle;
 mod malformed;
 mod scenarios;
 mod validate;

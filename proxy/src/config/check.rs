@@ -113,7 +113,7 @@ const SUPPORTED: &[(&str, &[&str])] = &[
         "envoy.config.core.v3.HttpProtocolOptions",
         &["idle_timeout", "max_headers_count", "max_connection_duration", "max_stream_duration"],
     ),
-    ("envoy.config.core.v3.Http1ProtocolOptions", &[]),
+    ("envoy.config.core.v3.Http1ProtocolOptions", &["accept_http_10"]),
     (
         "envoy.config.core.v3.Http2ProtocolOptions",
         &["max_concurrent_streams", "initial_stream_window_size", "initial_connection_window_size"],

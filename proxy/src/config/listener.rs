@@ -552,6 +552,10 @@ fn http_connection_manager(
         skip_xff_append: h.skip_xff_append,
         generate_request_id: h.generate_request_id.is_none_or(|v| v.value),
         always_set_request_id_in_response: h.always_set_request_id_in_response,
+        accept_http_10: h
+            .http_protocol_options
+            .as_ref()
+            .is_some_and(|o| o.accept_http_10),
         server_name,
         server_header,
         access_logs: access_logs(cx, &h.access_log, &format!("{path}.access_log")).into(),

@@ -274,12 +274,22 @@ pub(crate) fn string_matcher(
 
 fn header_matcher(cx: &mut Ctx<'_>, h: &rt::HeaderMatcher, path: &str) -> Option<HeaderMatcher> {
     use rt::header_matcher::HeaderMatchSpecifier as H;
-    let Ok(name) = HeaderName::from_bytes(h.name.to_ascii_lowercase().as_bytes()) else {
-        cx.err(
-            &format!("{path}.name"),
-            format!("invalid header name {:?}", h.name),
-        );
-        return None;
+    let lowered = h.name.to_ascii_lowercase();
+    let name = match lowered.as_str() {
+        ":method" => HeaderSource::Method,
+        ":authority" | "host" => HeaderSource::Authority,
+        ":path" => HeaderSource::Path,
+        ":scheme" => HeaderSource::Scheme,
+        n => match HeaderName::from_bytes(n.as_bytes()) {
+            Ok(n) => HeaderSource::Header(n),
+            Err(_) => {
+                cx.err(
+                    &format!("{path}.name"),
+                    format!("invalid header name {:?}", h.name),
+                );
+                return None;
+            }
+        },
     };
     let plain = |kind| StringMatcher {
         kind,
