@@ -5,7 +5,7 @@
 //! (including `typed_config` with `"@type"`) decodes exactly as Envoy decodes it, and so that
 //! resources can be printed back as JSON for `/config_dump`.
 
-use std::sync::OnceLock;
+use std::sync::Mutex;
 
 pub use envoy_types::pb;
 pub use prost_reflect::{
@@ -16,7 +16,9 @@ pub use prost_reflect::{
 pub const TYPE_URL_PREFIX: &str = "type.googleapis.com/";
 
 static DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/envoy_descriptors.bin"));
-static POOL: OnceLock<Result<DescriptorPool, String>> = OnceLock::new();
+/// The decoded pool is large (several MB); it is kept only while configuration is being read
+/// and released afterwards (see [`release_pool`]), so an idle proxy does not carry it.
+static POOL: Mutex<Option<DescriptorPool>> = Mutex::new(None);
 
 /// Errors from decoding or encoding Envoy messages.
 #[derive(Debug, thiserror::Error)]
@@ -31,11 +33,26 @@ pub enum ProtoError {
     Decode { type_name: String, reason: String },
 }
 
-/// The descriptor pool of every Envoy message Legate knows.
-pub fn pool() -> Result<&'static DescriptorPool, ProtoError> {
-    POOL.get_or_init(|| DescriptorPool::decode(DESCRIPTORS).map_err(|e| e.to_string()))
-        .as_ref()
-        .map_err(|e| ProtoError::Pool(e.clone()))
+/// The descriptor pool of every Envoy message Legate knows (decoded on first use; a cheap
+/// handle).
+pub fn pool() -> Result<DescriptorPool, ProtoError> {
+    let mut slot = POOL
+        .lock()
+        .map_err(|_| ProtoError::Pool("poisoned".into()))?;
+    if let Some(p) = slot.as_ref() {
+        return Ok(p.clone());
+    }
+    let p = DescriptorPool::decode(DESCRIPTORS).map_err(|e| ProtoError::Pool(e.to_string()))?;
+    *slot = Some(p.clone());
+    Ok(p)
+}
+
+/// Drops the cached pool; it is decoded again on next use. Messages already decoded keep
+/// what they reference alive until they are dropped.
+pub fn release_pool() {
+    if let Ok(mut slot) = POOL.lock() {
+        *slot = None;
+    }
 }
 
 /// The descriptor of a message by its full name (`envoy.config.bootstrap.v3.Bootstrap`).
