@@ -4,5 +4,6 @@
 mod harness;
 mod lifecycle;
 mod malformed;
+mod malformed_h2;
 mod scenarios;
 mod validate;
