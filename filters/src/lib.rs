@@ -10,6 +10,6 @@ mod api;
 mod registry;
 mod router;
 
-pub use api::{FilterStatus, HttpFilter, LocalReply, RequestContext};
+pub use api::{FilterStatus, HttpFilter, LocalReply, RequestContext, Resumption, RouteConfig};
 pub use registry::{FilterConfig, FilterError, FilterFactory, FilterRegistry};
 pub use router::{RouterConfig, RouterFactory, ROUTER_TYPE_URL};

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use legate_proto::DynamicMessage;
 
-use crate::api::HttpFilter;
+use crate::api::{HttpFilter, RouteConfig};
 
 /// Errors from building a filter out of its configuration.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +35,20 @@ pub trait FilterFactory: Send + Sync {
     /// Validates the configuration and builds the filter. `name` is the filter's name in
     /// `http_filters`.
     fn create(&self, name: &str, config: &DynamicMessage) -> Result<FilterConfig, FilterError>;
+
+    /// The message type this filter accepts in `typed_per_filter_config`, if any (its full
+    /// name, e.g. `envoy.extensions.filters.http.fault.v3.HTTPFault`).
+    fn route_config_type(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// Validates and builds a per-route configuration.
+    fn create_route_config(&self, _config: &DynamicMessage) -> Result<RouteConfig, FilterError> {
+        Err(FilterError::InvalidConfig {
+            field: "typed_per_filter_config".into(),
+            reason: "this filter has no per-route configuration".into(),
+        })
+    }
 }
 
 /// The set of filters a proxy build knows. Built explicitly at start-up and passed down; there

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant, SystemTime};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use legate_filters::{FilterStatus, HttpFilter, LocalReply, RequestContext, RouterConfig};
+use legate_filters::{
+    FilterStatus, HttpFilter, LocalReply, RequestContext, Resumption, RouterConfig,
+};
 
 use crate::accesslog::{AccessLog, Record};
 use crate::body::{Completion, ProxyBody};
@@ -42,7 +44,7 @@ pub struct HcmConfig {
     pub stat_prefix: String,
     pub codec: Codec,
     pub routes: Arc<RouteTable>,
-    pub filters: Vec<(String, Arc<dyn HttpFilter>)>,
+    pub filters: Vec<HcmFilter>,
     pub router: RouterConfig,
     pub stream_idle_timeout: Option<Duration>,
     pub request_timeout: Option<Duration>,
@@ -62,6 +64,19 @@ pub struct HcmConfig {
     pub h2_max_concurrent_streams: Option<u32>,
     pub stats: HttpStats,
 }
+
+/// One HTTP filter of a connection manager.
+#[derive(Debug)]
+pub struct HcmFilter {
+    pub name: String,
+    pub type_url: String,
+    pub filter: Arc<dyn HttpFilter>,
+    /// `disabled: true` in `http_filters`: runs only on routes that enable it.
+    pub disabled_by_default: bool,
+}
+
+/// The most filters one connection manager may run (the chain tracks them in a bit mask).
+pub const MAX_FILTERS: usize = 64;
 
 /// What the connection knows about itself, shared by its requests.
 #[derive(Debug)]
@@ -96,8 +111,10 @@ struct Stream<'a> {
     started: Instant,
     flags: &'static str,
     details: &'static str,
-    /// Filters whose request phase ran, for the response phase.
-    ran_filters: usize,
+    /// Filters whose request phase ran (bit i = `filters[i]`), for the response phase.
+    ran_filters: u64,
+    /// The matched route's per-filter configurations.
+    route_filters: Option<Arc<crate::route::RouteFilters>>,
     /// A gRPC request gets its local replies as gRPC statuses.
     grpc: bool,
     /// The request id, when `always_set_request_id_in_response` wants it echoed.
@@ -164,6 +181,7 @@ pub async fn handle(
         flags: "",
         details: "",
         ran_filters: 0,
+        route_filters: None,
         grpc: req
             .headers()
             .get(header::CONTENT_TYPE)
@@ -318,14 +336,16 @@ impl Stream<'_> {
         };
         self.ctx.route_name = Some(route.name.clone()).filter(|n| !n.is_empty());
 
-        let (mut parts, body) = req.into_parts();
-        for (i, (_, f)) in hcm.filters.iter().enumerate() {
-            self.ran_filters = i + 1;
-            if let FilterStatus::LocalReply(r) = f.on_request_headers(&mut self.ctx, &mut parts) {
+        let req = if hcm.filters.is_empty() {
+            req
+        } else {
+            self.route_filters = route.filters.clone();
+            let (mut parts, body) = req.into_parts();
+            if let Some(r) = self.request_filters(&mut parts).await {
                 return self.local(r);
             }
-        }
-        let req = Request::from_parts(parts, body);
+            Request::from_parts(parts, body)
+        };
 
         let resp = match &route.action {
             RouteAction::Direct { status, body } => {
@@ -411,20 +431,72 @@ impl Stream<'_> {
         self.response_filters(resp)
     }
 
+    /// Whether filter `i` runs on this route, and with which per-route configuration.
+    fn filter_setup(&self, i: usize) -> Option<Option<legate_filters::RouteConfig>> {
+        let f = &self.conn.hcm.filters[i];
+        match self.route_filters.as_ref().and_then(|m| m.get(&f.name)) {
+            Some(crate::route::RouteFilter::Disabled) => None,
+            Some(crate::route::RouteFilter::Enabled(c)) => Some(c.clone()),
+            None if f.disabled_by_default => None,
+            None => Some(None),
+        }
+    }
+
+    /// The request phase of every filter, in order. Returns a local reply if one stopped it.
+    async fn request_filters(&mut self, parts: &mut http::request::Parts) -> Option<LocalReply> {
+        let conn = self.conn;
+        for (i, f) in conn.hcm.filters.iter().enumerate() {
+            let Some(config) = self.filter_setup(i) else {
+                continue;
+            };
+            self.ctx.route_config = config;
+            self.ran_filters |= 1 << i;
+            match f.filter.on_request_headers(&mut self.ctx, parts) {
+                FilterStatus::Continue => {}
+                FilterStatus::LocalReply(r) => return Some(r),
+                FilterStatus::Wait(fut) => match fut.await {
+                    Resumption::Continue { set_headers } => {
+                        let mut last = None;
+                        for (k, v) in set_headers {
+                            if let Some(k) = k {
+                                last = Some(k);
+                            }
+                            if let Some(k) = &last {
+                                parts.headers.insert(k.clone(), v);
+                            }
+                        }
+                    }
+                    Resumption::LocalReply(r) => return Some(r),
+                },
+            }
+        }
+        self.ctx.route_config = None;
+        None
+    }
+
+    /// The response phase of the filters whose request phase ran, in reverse order. Waiting
+    /// is not offered here: a response phase must decide synchronously.
     fn response_filters(&mut self, resp: Response<ProxyBody>) -> Response<ProxyBody> {
-        let filters = &self.conn.hcm.filters;
-        if filters.is_empty() {
+        if self.ran_filters == 0 {
             return resp;
         }
+        let conn = self.conn;
         let (mut parts, body) = resp.into_parts();
-        for (_, f) in filters[..self.ran_filters].iter().rev() {
+        for (i, f) in conn.hcm.filters.iter().enumerate().rev() {
+            if self.ran_filters & (1 << i) == 0 {
+                continue;
+            }
+            self.ctx.route_config = self.filter_setup(i).flatten();
             // A local reply from a response phase replaces the response but does not restart
             // the response path.
-            if let FilterStatus::LocalReply(r) = f.on_response_headers(&mut self.ctx, &mut parts) {
-                let mut resp = Response::new(ProxyBody::full(r.body));
-                *resp.status_mut() = r.status;
-                *resp.headers_mut() = r.headers;
-                return resp;
+            match f.filter.on_response_headers(&mut self.ctx, &mut parts) {
+                FilterStatus::LocalReply(r) => {
+                    let mut resp = Response::new(ProxyBody::full(r.body));
+                    *resp.status_mut() = r.status;
+                    *resp.headers_mut() = r.headers;
+                    return resp;
+                }
+                FilterStatus::Continue | FilterStatus::Wait(_) => {}
             }
         }
         Response::from_parts(parts, body)

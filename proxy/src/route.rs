@@ -37,9 +37,32 @@ pub struct VirtualHost {
     pub response_headers: HeaderOps,
 }
 
+/// How a route treats one HTTP filter (`typed_per_filter_config`, virtual host then route).
+#[derive(Clone)]
+pub enum RouteFilter {
+    /// `FilterConfig { disabled: true }`.
+    Disabled,
+    /// Enabled, with the filter's per-route configuration if one was given.
+    Enabled(Option<legate_filters::RouteConfig>),
+}
+
+impl std::fmt::Debug for RouteFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RouteFilter::Disabled => f.write_str("Disabled"),
+            RouteFilter::Enabled(c) => write!(f, "Enabled(config: {})", c.is_some()),
+        }
+    }
+}
+
+/// Per-filter settings of a route, by filter name, resolved when the config is compiled.
+pub type RouteFilters = HashMap<String, RouteFilter>;
+
 /// One route: a match and what to do with the request.
 #[derive(Debug)]
 pub struct Route {
+    /// `None` when neither the route nor its virtual host configures any filter.
+    pub filters: Option<std::sync::Arc<RouteFilters>>,
     pub name: String,
     pub matcher: RouteMatch,
     pub action: RouteAction,

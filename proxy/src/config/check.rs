@@ -147,6 +147,7 @@ const SUPPORTED: &[(&str, &[&str])] = &[
             "response_headers_to_add",
             "response_headers_to_remove",
             "require_tls",
+            "typed_per_filter_config",
         ],
     ),
     (
@@ -161,7 +162,12 @@ const SUPPORTED: &[(&str, &[&str])] = &[
             "request_headers_to_remove",
             "response_headers_to_add",
             "response_headers_to_remove",
+            "typed_per_filter_config",
         ],
+    ),
+    (
+        "envoy.config.route.v3.FilterConfig",
+        &["config", "disabled", "is_optional"],
     ),
     (
         "envoy.config.route.v3.RouteMatch",

@@ -13,7 +13,7 @@ use prost::Message;
 
 use super::{duration, socket_address, Ctx};
 use crate::accesslog::{AccessLog, Format, LogFormat, DEFAULT_FORMAT};
-use crate::hcm::{Codec, HcmConfig, ServerHeader};
+use crate::hcm::{Codec, HcmConfig, HcmFilter, ServerHeader};
 use crate::listener::{ChainMatch, DownstreamTls, FilterChain, ListenerConfig};
 use crate::tls::{SanMatcher, SanType, ServerTlsSpec};
 
@@ -432,27 +432,12 @@ fn http_connection_manager(
             return None;
         }
     };
-    let routes = match &h.route_specifier {
-        Some(RS::RouteConfig(rc)) => {
-            super::route::route_table(cx, rc, &format!("{path}.route_config"))
-        }
-        _ => {
-            cx.err(
-                path,
-                "an inline route_config is required (rds arrives with xDS)",
-            );
-            return None;
-        }
-    };
     let mut filters = Vec::new();
     let mut router = None;
     for (i, f) in h.http_filters.iter().enumerate() {
         let p = format!("{path}.http_filters[{i}]");
         if router.is_some() {
             cx.err(&p, "the router must be the last filter");
-            continue;
-        }
-        if f.disabled {
             continue;
         }
         let Some(hcmpb::http_filter::ConfigType::TypedConfig(any)) = &f.config_type else {
@@ -472,7 +457,12 @@ fn http_connection_manager(
         };
         match cx.registry.create(&f.name, &any.type_url, &dynamic) {
             Ok(FilterConfig::Router(r)) => router = Some(r),
-            Ok(FilterConfig::Filter { name, filter }) => filters.push((name, filter)),
+            Ok(FilterConfig::Filter { name, filter }) => filters.push(HcmFilter {
+                name,
+                type_url: any.type_url.clone(),
+                filter,
+                disabled_by_default: f.disabled,
+            }),
             Err(legate_filters::FilterError::UnknownType { type_url }) if f.is_optional => {
                 tracing::warn!(
                     "{p}: optional filter {type_url} is not supported by Legate; skipped"
@@ -481,6 +471,31 @@ fn http_connection_manager(
             Err(e) => cx.err(&format!("{p}.typed_config"), e.to_string()),
         }
     }
+    if filters.len() > crate::hcm::MAX_FILTERS {
+        cx.err(
+            &format!("{path}.http_filters"),
+            format!("at most {} filters are supported", crate::hcm::MAX_FILTERS),
+        );
+        return None;
+    }
+    // Routes are converted after the filters: per-route filter configs are built by the
+    // factories of the filters this manager runs.
+    cx.http_filters = filters
+        .iter()
+        .map(|f: &HcmFilter| (f.name.clone(), f.type_url.clone()))
+        .collect();
+    let routes = match &h.route_specifier {
+        Some(RS::RouteConfig(rc)) => {
+            super::route::route_table(cx, rc, &format!("{path}.route_config"))
+        }
+        _ => {
+            cx.err(
+                path,
+                "an inline route_config is required (rds arrives with xDS)",
+            );
+            return None;
+        }
+    };
     let router: RouterConfig = match router {
         Some(r) => r,
         None => {

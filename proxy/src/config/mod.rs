@@ -63,6 +63,9 @@ pub(crate) struct Ctx<'a> {
     errors: Vec<Issue>,
     /// Clusters named by routes that Envoy would validate: (path, cluster name).
     cluster_refs: Vec<(String, String)>,
+    /// The HTTP filters (name, type URL) of the connection manager being converted, for
+    /// `typed_per_filter_config`.
+    http_filters: Vec<(String, String)>,
     registry: &'a FilterRegistry,
 }
 
@@ -186,6 +189,7 @@ pub fn load_json(
     let mut cx = Ctx {
         errors: Vec::new(),
         cluster_refs: Vec::new(),
+        http_filters: Vec::new(),
         registry,
     };
     let node = typed

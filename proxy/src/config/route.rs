@@ -89,11 +89,16 @@ fn virtual_host(cx: &mut Ctx<'_>, vh: &rt::VirtualHost, path: &str) -> VirtualHo
             "field not supported by Legate",
         );
     }
+    let vh_filters = per_filter(
+        cx,
+        &vh.typed_per_filter_config,
+        &format!("{path}.typed_per_filter_config"),
+    );
     let routes = vh
         .routes
         .iter()
         .enumerate()
-        .filter_map(|(i, r)| route(cx, r, &format!("{path}.routes[{i}]")))
+        .filter_map(|(i, r)| route(cx, r, &vh_filters, &format!("{path}.routes[{i}]")))
         .collect();
     VirtualHost {
         name: vh.name.clone(),
@@ -114,7 +119,79 @@ fn virtual_host(cx: &mut Ctx<'_>, vh: &rt::VirtualHost, path: &str) -> VirtualHo
     }
 }
 
-fn route(cx: &mut Ctx<'_>, r: &rt::Route, path: &str) -> Option<Route> {
+/// Resolves `typed_per_filter_config` against the connection manager's filters.
+fn per_filter(
+    cx: &mut Ctx<'_>,
+    map: &std::collections::HashMap<String, legate_proto::pb::google::protobuf::Any>,
+    path: &str,
+) -> RouteFilters {
+    let mut out = RouteFilters::new();
+    let mut names: Vec<&String> = map.keys().collect();
+    names.sort();
+    for name in names {
+        let p = format!("{path}[\"{name}\"]");
+        let any = &map[name];
+        let (disabled, inner) = if legate_proto::type_name_of(&any.type_url) == FILTER_CONFIG {
+            match <rt::FilterConfig as prost::Message>::decode(any.value.as_slice()) {
+                Ok(fc) => (fc.disabled, fc.config),
+                Err(e) => {
+                    cx.err(&p, format!("cannot decode {FILTER_CONFIG}: {e}"));
+                    continue;
+                }
+            }
+        } else {
+            (false, Some(any.clone()))
+        };
+        if disabled {
+            out.insert(name.clone(), RouteFilter::Disabled);
+            continue;
+        }
+        let factory = cx
+            .http_filters
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, t)| cx.registry.get(t))
+            .cloned();
+        let Some(factory) = factory else {
+            // Envoy keeps configs for filters this manager does not run; so does Legate, but
+            // only for types it knows.
+            let known = inner.as_ref().is_none_or(|a| {
+                legate_proto::type_name_of(&a.type_url) == FILTER_CONFIG
+                    || legate_proto::descriptor(legate_proto::type_name_of(&a.type_url)).is_ok()
+            });
+            if !known {
+                cx.err(&p, "unsupported per-filter configuration type");
+            }
+            continue;
+        };
+        let Some(inner) = inner else {
+            out.insert(name.clone(), RouteFilter::Enabled(None));
+            continue;
+        };
+        let ty = legate_proto::type_name_of(&inner.type_url);
+        if factory.route_config_type() != Some(ty) {
+            cx.err(
+                &p,
+                format!("filter {name} takes no per-route configuration of type {ty}"),
+            );
+            continue;
+        }
+        let built = legate_proto::dynamic_from_bytes(ty, &inner.value)
+            .map_err(|e| e.to_string())
+            .and_then(|d| factory.create_route_config(&d).map_err(|e| e.to_string()));
+        match built {
+            Ok(c) => {
+                out.insert(name.clone(), RouteFilter::Enabled(Some(c)));
+            }
+            Err(e) => cx.err(&p, e),
+        }
+    }
+    out
+}
+
+const FILTER_CONFIG: &str = "envoy.config.route.v3.FilterConfig";
+
+fn route(cx: &mut Ctx<'_>, r: &rt::Route, vh_filters: &RouteFilters, path: &str) -> Option<Route> {
     let Some(m) = &r.r#match else {
         cx.err(&format!("{path}.match"), "required");
         return None;
@@ -154,7 +231,14 @@ fn route(cx: &mut Ctx<'_>, r: &rt::Route, path: &str) -> Option<Route> {
             return None;
         }
     };
+    let mut filters = vh_filters.clone();
+    filters.extend(per_filter(
+        cx,
+        &r.typed_per_filter_config,
+        &format!("{path}.typed_per_filter_config"),
+    ));
     Some(Route {
+        filters: (!filters.is_empty()).then(|| std::sync::Arc::new(filters)),
         name: r.name.clone(),
         matcher,
         action,
