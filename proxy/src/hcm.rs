@@ -272,21 +272,27 @@ fn is_internal(ip: std::net::IpAddr) -> bool {
     }
 }
 
+/// A random (version 4) UUID, as Envoy generates for `x-request-id`.
 fn request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let b: [u8; 16] = rand::random();
-    let mut s = String::with_capacity(36);
+    let mut s = [0u8; 36];
+    let mut at = 0;
     for (i, byte) in b.iter().enumerate() {
         if matches!(i, 4 | 6 | 8 | 10) {
-            s.push('-');
+            s[at] = b'-';
+            at += 1;
         }
         let byte = match i {
             6 => (byte & 0x0f) | 0x40,
             8 => (byte & 0x3f) | 0x80,
             _ => *byte,
         };
-        s.push_str(&format!("{byte:02x}"));
+        s[at] = HEX[usize::from(byte >> 4)];
+        s[at + 1] = HEX[usize::from(byte & 0x0f)];
+        at += 2;
     }
-    HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("-"))
+    HeaderValue::from_bytes(&s).unwrap_or(HeaderValue::from_static("-"))
 }
 
 impl Stream<'_> {
@@ -595,7 +601,9 @@ impl Stream<'_> {
                 }
             }
         };
-        self.ctx.cluster_name = Some(cluster_name.clone());
+        if !hcm.filters.is_empty() {
+            self.ctx.cluster_name = Some(cluster_name.clone());
+        }
         if let Some(r) = &mut self.record {
             r.upstream_cluster = Some(cluster_name.clone());
         }
@@ -674,9 +682,10 @@ impl Stream<'_> {
         strip_hop_by_hop(headers, upgrade);
         if !hcm.router.suppress_envoy_headers {
             if let Some(t) = fwd.timeout {
-                if let Ok(v) = HeaderValue::from_str(&t.as_millis().to_string()) {
-                    headers.insert(X_ENVOY_EXPECTED_TIMEOUT, v);
-                }
+                headers.insert(
+                    X_ENVOY_EXPECTED_TIMEOUT,
+                    HeaderValue::from(t.as_millis() as u64),
+                );
             }
         }
         let pq = new_path.as_deref().unwrap_or(path);
@@ -696,8 +705,13 @@ impl Stream<'_> {
         };
         let (mut parts, body) = req.into_parts();
         parts.uri = uri;
-        if let Ok(v) = HeaderValue::from_str(&upstream_authority) {
-            parts.headers.insert(header::HOST, v);
+        // HTTP/1.1 requests already carry the right Host unless a rewrite changed it.
+        if parts.headers.get(header::HOST).map(|h| h.as_bytes())
+            != Some(upstream_authority.as_bytes())
+        {
+            if let Ok(v) = HeaderValue::from_str(&upstream_authority) {
+                parts.headers.insert(header::HOST, v);
+            }
         }
         parts.extensions = http::Extensions::new();
         let up_req = Request::from_parts(parts, body);
@@ -758,9 +772,8 @@ impl Stream<'_> {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, upstream_upgrade.is_some());
         if !hcm.router.suppress_envoy_headers {
-            if let Ok(v) = HeaderValue::from_str(&sent_at.elapsed().as_millis().to_string()) {
-                parts.headers.insert(X_ENVOY_UPSTREAM_TIME, v);
-            }
+            let ms = HeaderValue::from(sent_at.elapsed().as_millis() as u64);
+            parts.headers.insert(X_ENVOY_UPSTREAM_TIME, ms);
         }
         self.response_headers(route, vh, table, weighted, &mut parts.headers);
         if let (Some(down), Some(up)) = (downstream_upgrade, upstream_upgrade) {
