@@ -1,0 +1,168 @@
+//! The snapshot cache: the latest consistent snapshot of each proxy group.
+//!
+//! This is the seam between the model and the transport. Each group's snapshot sits in a
+//! `watch` channel; an ADS stream holds a receiver and wakes only when its group's snapshot
+//! changes, so a model change is pushed only to the proxies whose resources it touches.
+//! A group nobody watches any more is dropped at the next update.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+use crate::identity::ProxyGroup;
+use crate::metrics::Metrics;
+use crate::model::Model;
+use crate::snapshot::{Snapshot, SnapshotError};
+use crate::translate::{translate, TranslateOptions};
+
+/// Errors from the cache.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("the cache's lock is poisoned")]
+    Poisoned,
+    #[error("proxy group {group}: {source}")]
+    Inconsistent {
+        group: String,
+        source: SnapshotError,
+    },
+}
+
+struct Inner {
+    model: Arc<Model>,
+    groups: HashMap<ProxyGroup, watch::Sender<Arc<Snapshot>>>,
+    /// The next version handed to a changed resource type; shared by every group so a
+    /// version string is never reused for different content.
+    next_version: u64,
+}
+
+/// The latest snapshot of every watched proxy group.
+pub struct SnapshotCache {
+    inner: Mutex<Inner>,
+    options: TranslateOptions,
+    metrics: Arc<Metrics>,
+}
+
+impl SnapshotCache {
+    pub fn new(model: Arc<Model>, options: TranslateOptions, metrics: Arc<Metrics>) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                model,
+                groups: HashMap::new(),
+                next_version: 1,
+            }),
+            options,
+            metrics,
+        }
+    }
+
+    /// A receiver of `group`'s snapshots, translating the current model for a new group.
+    pub fn watch(&self, group: &ProxyGroup) -> Result<watch::Receiver<Arc<Snapshot>>, CacheError> {
+        let mut inner = self.inner.lock().map_err(|_| CacheError::Poisoned)?;
+        if let Some(tx) = inner.groups.get(group) {
+            return Ok(tx.subscribe());
+        }
+        let resources = translate(&inner.model, group, &self.options);
+        let version = inner.next_version;
+        let snapshot = Snapshot::build(&resources, None, version).map_err(|source| {
+            CacheError::Inconsistent {
+                group: group.to_string(),
+                source,
+            }
+        })?;
+        inner.next_version += 1;
+        self.metrics.inc(&self.metrics.snapshots_published);
+        let (tx, rx) = watch::channel(Arc::new(snapshot));
+        inner.groups.insert(group.clone(), tx);
+        Ok(rx)
+    }
+
+    /// Installs a new model and republishes every group whose resources changed. A group
+    /// whose new resources are inconsistent keeps its previous snapshot (and it is logged).
+    pub fn set_model(&self, model: Arc<Model>) -> Result<(), CacheError> {
+        let mut inner = self.inner.lock().map_err(|_| CacheError::Poisoned)?;
+        self.metrics.inc(&self.metrics.model_updates);
+        inner.model = model;
+        inner.groups.retain(|_, tx| tx.receiver_count() > 0);
+        let version = inner.next_version;
+        let mut used = false;
+        let Inner { model, groups, .. } = &mut *inner;
+        for (group, tx) in groups.iter() {
+            let resources = translate(model, group, &self.options);
+            let previous = tx.borrow().clone();
+            match Snapshot::build(&resources, Some(&previous), version) {
+                Ok(next) => {
+                    let changed = next.changed_types(&previous);
+                    if changed.is_empty() {
+                        continue;
+                    }
+                    used = true;
+                    tracing::info!(group = %group, version, changed = ?changed.iter().map(|t| t.short_name()).collect::<Vec<_>>(), "publishing snapshot");
+                    self.metrics.inc(&self.metrics.snapshots_published);
+                    tx.send_replace(Arc::new(next));
+                }
+                Err(error) => {
+                    self.metrics.inc(&self.metrics.snapshots_inconsistent);
+                    tracing::error!(group = %group, %error, "inconsistent snapshot withheld");
+                }
+            }
+        }
+        if used {
+            inner.next_version += 1;
+        }
+        Ok(())
+    }
+
+    /// The groups currently watched.
+    pub fn groups(&self) -> usize {
+        self.inner.lock().map(|i| i.groups.len()).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Role;
+    use crate::model::parse_manifests;
+    use crate::snapshot::ResourceType;
+
+    fn group(port: u16) -> ProxyGroup {
+        ProxyGroup {
+            role: Role::Sidecar,
+            ip: std::net::IpAddr::from([127, 0, 0, 1]),
+            namespace: "default".into(),
+            outbound_port: port,
+        }
+    }
+
+    fn model(endpoint: &str) -> Result<Arc<Model>, crate::model::ManifestError> {
+        let text = format!(
+            "kind: Service\nmetadata: {{name: a}}\nspec: {{ports: [{{name: http, port: 80}}]}}\n---\nkind: EndpointSlice\nmetadata: {{name: a-1, labels: {{kubernetes.io/service-name: a}}}}\nports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: [{endpoint}]}}]\n"
+        );
+        Ok(Arc::new(Model::build(parse_manifests(&text)?)))
+    }
+
+    #[test]
+    fn only_changed_groups_are_notified() -> Result<(), Box<dyn std::error::Error>> {
+        let cache = SnapshotCache::new(
+            model("10.0.0.1")?,
+            TranslateOptions::default(),
+            Arc::default(),
+        );
+        let mut a = cache.watch(&group(1))?;
+        let mut b = cache.watch(&group(2))?;
+        a.mark_unchanged();
+        b.mark_unchanged();
+        cache.set_model(model("10.0.0.1")?)?;
+        assert!(!a.has_changed()?, "same model, no push");
+        cache.set_model(model("10.0.0.2")?)?;
+        assert!(a.has_changed()? && b.has_changed()?);
+        let snap = a.borrow_and_update().clone();
+        assert_eq!(snap.get(ResourceType::Endpoint).version, "3");
+        assert_eq!(snap.get(ResourceType::Cluster).version, "1");
+        drop(b);
+        cache.set_model(model("10.0.0.3")?)?;
+        assert_eq!(cache.groups(), 1, "unwatched groups are dropped");
+        Ok(())
+    }
+}

@@ -1,0 +1,266 @@
+//! Who a proxy is, from its Envoy `Node`, the way Istio's proxies say it.
+//!
+//! `node.id` is `TYPE~IP~NAME.NAMESPACE~NAMESPACE.svc.DOMAIN`, `TYPE` being `sidecar` or
+//! `router` (a gateway). `node.metadata` may add `NAMESPACE`, `LABELS` and, for local runs
+//! and tests, `LEGATE_OUTBOUND_PORT` (the port of the sidecar's outbound listener; 15001
+//! by default, 0 for an ephemeral port).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use legate_proto::pb::envoy::config::core::v3::Node;
+use legate_proto::pb::google::protobuf::{value::Kind, Struct};
+
+/// The default port of a sidecar's outbound listener.
+pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+
+/// The metadata key that overrides the outbound listener's port.
+pub const OUTBOUND_PORT_KEY: &str = "LEGATE_OUTBOUND_PORT";
+
+/// Why a node could not be identified.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum IdentityError {
+    #[error("the first request on the stream carries no node")]
+    NoNode,
+    #[error("node.id {0:?}: expected TYPE~IP~NAME.NAMESPACE~NAMESPACE.svc.DOMAIN")]
+    Shape(String),
+    #[error("node.id {0:?}: type must be sidecar or router")]
+    Role(String),
+    #[error("node.id {id:?}: {ip:?} is not an IP address")]
+    Ip { id: String, ip: String },
+    #[error("node.metadata.{key}: {reason}")]
+    Metadata { key: &'static str, reason: String },
+}
+
+/// The role a proxy plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    Sidecar,
+    Router,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Sidecar => "sidecar",
+            Role::Router => "router",
+        }
+    }
+}
+
+/// A proxy's identity: everything translation may depend on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyIdentity {
+    pub id: String,
+    pub role: Role,
+    pub ip: IpAddr,
+    pub name: String,
+    pub namespace: String,
+    pub domain: String,
+    pub labels: BTreeMap<String, String>,
+    pub outbound_port: u16,
+}
+
+/// Proxies that get the same resources. Translation is a function of the group only, so one
+/// snapshot serves every proxy in it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProxyGroup {
+    pub role: Role,
+    pub ip: IpAddr,
+    pub namespace: String,
+    pub outbound_port: u16,
+}
+
+impl fmt::Display for ProxyGroup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}~{}~{}~{}",
+            self.role.name(),
+            self.ip,
+            self.namespace,
+            self.outbound_port
+        )
+    }
+}
+
+impl ProxyIdentity {
+    /// Reads the identity from a node.
+    pub fn from_node(node: Option<&Node>) -> Result<Self, IdentityError> {
+        let node = node.ok_or(IdentityError::NoNode)?;
+        let id = node.id.clone();
+        let parts: Vec<&str> = id.split('~').collect();
+        let [role, ip, name_ns, domain] = parts.as_slice() else {
+            return Err(IdentityError::Shape(id));
+        };
+        let role = match *role {
+            "sidecar" => Role::Sidecar,
+            "router" => Role::Router,
+            _ => return Err(IdentityError::Role(id)),
+        };
+        let ip: IpAddr = ip.parse().map_err(|_| IdentityError::Ip {
+            id: id.clone(),
+            ip: (*ip).to_string(),
+        })?;
+        // `default.svc.cluster.local` → namespace `default`, domain `cluster.local`.
+        let (domain_ns, domain) = match domain.split_once(".svc.") {
+            Some((ns, d)) => (ns.to_string(), d.to_string()),
+            None => (String::new(), (*domain).to_string()),
+        };
+        let metadata = node.metadata.as_ref();
+        let namespace = match string_field(metadata, "NAMESPACE") {
+            Some(ns) => ns,
+            None if !domain_ns.is_empty() => domain_ns,
+            None => name_ns
+                .split_once('.')
+                .map(|(_, ns)| ns.to_string())
+                .ok_or_else(|| IdentityError::Shape(id.clone()))?,
+        };
+        let name = name_ns
+            .strip_suffix(&format!(".{namespace}"))
+            .unwrap_or(name_ns)
+            .to_string();
+        let outbound_port = match metadata.and_then(|m| m.fields.get(OUTBOUND_PORT_KEY)) {
+            None => DEFAULT_OUTBOUND_PORT,
+            Some(v) => port_value(v.kind.as_ref()).ok_or_else(|| IdentityError::Metadata {
+                key: OUTBOUND_PORT_KEY,
+                reason: "must be a port number (0-65535)".into(),
+            })?,
+        };
+        let labels = metadata
+            .and_then(|m| m.fields.get("LABELS"))
+            .and_then(|v| match &v.kind {
+                Some(Kind::StructValue(s)) => Some(
+                    s.fields
+                        .iter()
+                        .filter_map(|(k, v)| match &v.kind {
+                            Some(Kind::StringValue(s)) => Some((k.clone(), s.clone())),
+                            _ => None,
+                        })
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .unwrap_or_default();
+        Ok(Self {
+            id,
+            role,
+            ip,
+            name,
+            namespace,
+            domain,
+            labels,
+            outbound_port,
+        })
+    }
+
+    pub fn group(&self) -> ProxyGroup {
+        ProxyGroup {
+            role: self.role,
+            ip: self.ip,
+            namespace: self.namespace.clone(),
+            outbound_port: self.outbound_port,
+        }
+    }
+}
+
+fn string_field(metadata: Option<&Struct>, key: &str) -> Option<String> {
+    match metadata?.fields.get(key)?.kind.as_ref()? {
+        Kind::StringValue(s) if !s.is_empty() => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn port_value(kind: Option<&Kind>) -> Option<u16> {
+    match kind? {
+        Kind::StringValue(s) => s.trim().parse().ok(),
+        Kind::NumberValue(n) if n.fract() == 0.0 && (0.0..=65535.0).contains(n) => Some(*n as u16),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use legate_proto::pb::google::protobuf::Value;
+
+    fn node(id: &str, metadata: &[(&str, Kind)]) -> Node {
+        Node {
+            id: id.into(),
+            metadata: Some(Struct {
+                fields: metadata
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            (*k).to_string(),
+                            Value {
+                                kind: Some(v.clone()),
+                            },
+                        )
+                    })
+                    .collect(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn reads_istio_style_ids() -> Result<(), IdentityError> {
+        let id = ProxyIdentity::from_node(Some(&node(
+            "sidecar~127.0.0.2~app-7d9.default~default.svc.cluster.local",
+            &[],
+        )))?;
+        assert_eq!(id.role, Role::Sidecar);
+        assert_eq!(id.ip.to_string(), "127.0.0.2");
+        assert_eq!(id.name, "app-7d9");
+        assert_eq!(id.namespace, "default");
+        assert_eq!(id.domain, "cluster.local");
+        assert_eq!(id.outbound_port, DEFAULT_OUTBOUND_PORT);
+        Ok(())
+    }
+
+    #[test]
+    fn metadata_overrides_namespace_and_port() -> Result<(), IdentityError> {
+        let id = ProxyIdentity::from_node(Some(&node(
+            "router~10.0.0.1~gw.istio-system~istio-system.svc.cluster.local",
+            &[
+                ("NAMESPACE", Kind::StringValue("edge".into())),
+                (OUTBOUND_PORT_KEY, Kind::StringValue("0".into())),
+            ],
+        )))?;
+        assert_eq!(id.role, Role::Router);
+        assert_eq!(id.namespace, "edge");
+        assert_eq!(id.outbound_port, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_malformed_ids() {
+        let err = |id: &str| ProxyIdentity::from_node(Some(&node(id, &[]))).err();
+        assert!(matches!(
+            err("sidecar~1.2.3.4"),
+            Some(IdentityError::Shape(_))
+        ));
+        assert!(matches!(
+            err("waypoint~1.2.3.4~a.b~b.svc.cluster.local"),
+            Some(IdentityError::Role(_))
+        ));
+        assert!(matches!(
+            err("sidecar~nope~a.b~b.svc.cluster.local"),
+            Some(IdentityError::Ip { .. })
+        ));
+        assert_eq!(
+            ProxyIdentity::from_node(None).err(),
+            Some(IdentityError::NoNode)
+        );
+        let bad_port = node(
+            "sidecar~1.2.3.4~a.b~b.svc.cluster.local",
+            &[(OUTBOUND_PORT_KEY, Kind::NumberValue(70000.0))],
+        );
+        assert!(matches!(
+            ProxyIdentity::from_node(Some(&bad_port)),
+            Err(IdentityError::Metadata { .. })
+        ));
+    }
+}

@@ -1,0 +1,116 @@
+//! Counters the admin endpoint renders in Prometheus' text format.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::snapshot::ResourceType;
+
+/// The control plane's counters. Cheap to update from any task.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Responses sent, per resource type (indexed by [`ResourceType::index`]).
+    pub pushes: [AtomicU64; 4],
+    pub acks: [AtomicU64; 4],
+    pub nacks: [AtomicU64; 4],
+    /// Sum (in microseconds) and count of push → ACK/NACK round trips.
+    pub push_ack_micros: AtomicU64,
+    pub push_ack_count: AtomicU64,
+    /// ADS streams opened since start.
+    pub streams_total: AtomicU64,
+    /// Models handed to translation (after debounce).
+    pub model_updates: AtomicU64,
+    /// Manifests rejected by the file source.
+    pub config_errors: AtomicU64,
+    /// Snapshots published to a proxy group.
+    pub snapshots_published: AtomicU64,
+    /// Snapshots withheld because they were not consistent.
+    pub snapshots_inconsistent: AtomicU64,
+}
+
+impl Metrics {
+    pub fn inc(&self, counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn inc_type(&self, counters: &[AtomicU64; 4], t: ResourceType) {
+        counters[t.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn observe_push_ack(&self, elapsed: std::time::Duration) {
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        self.push_ack_micros.fetch_add(micros, Ordering::Relaxed);
+        self.push_ack_count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition of every counter.
+    pub fn render(&self, connected: usize) -> String {
+        let mut out = String::new();
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP pilot_xds_connected_proxies ADS streams currently open.\n\
+             # TYPE pilot_xds_connected_proxies gauge\npilot_xds_connected_proxies {connected}"
+        );
+        for (name, help, counters) in [
+            ("pilot_xds_pushes_total", "Responses sent.", &self.pushes),
+            ("pilot_xds_acks_total", "Responses ACKed.", &self.acks),
+            (
+                "pilot_xds_nacks_total",
+                "Responses NACKed (error_detail set).",
+                &self.nacks,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for t in ResourceType::ORDER {
+                let _ = writeln!(
+                    out,
+                    "{name}{{type=\"{}\"}} {}",
+                    t.short_name(),
+                    get(&counters[t.index()])
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP pilot_xds_push_ack_seconds Time from a push to the proxy's ACK or NACK.\n\
+             # TYPE pilot_xds_push_ack_seconds summary\n\
+             pilot_xds_push_ack_seconds_sum {:.6}\npilot_xds_push_ack_seconds_count {}",
+            get(&self.push_ack_micros) as f64 / 1e6,
+            get(&self.push_ack_count)
+        );
+        for (name, help, counter) in [
+            (
+                "pilot_xds_streams_total",
+                "ADS streams opened.",
+                &self.streams_total,
+            ),
+            (
+                "pilot_model_updates_total",
+                "Debounced model changes translated.",
+                &self.model_updates,
+            ),
+            (
+                "pilot_config_errors_total",
+                "Manifests rejected.",
+                &self.config_errors,
+            ),
+            (
+                "pilot_snapshots_published_total",
+                "Snapshots published to proxy groups.",
+                &self.snapshots_published,
+            ),
+            (
+                "pilot_snapshots_inconsistent_total",
+                "Snapshots withheld as inconsistent.",
+                &self.snapshots_inconsistent,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                get(counter)
+            );
+        }
+        out
+    }
+}

@@ -1,0 +1,414 @@
+//! The mesh as translation sees it: services, their endpoints and namespaces.
+//!
+//! Every source (today the watched directory, later the Kubernetes API) produces [`Object`]s
+//! from Kubernetes manifests; [`Model::build`] turns a set of them into one immutable model.
+//! Translation only ever reads a `Model`, so it never knows where the objects came from.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Deserialize;
+
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Why a manifest could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("document {index}: {reason}")]
+    Document { index: usize, reason: String },
+    #[error("document {index} ({kind} {name}): {reason}")]
+    Object {
+        index: usize,
+        kind: String,
+        name: String,
+        reason: String,
+    },
+}
+
+/// One Kubernetes object the control plane understands.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Object {
+    Service(Service),
+    EndpointSlice(EndpointSlice),
+    Namespace(String),
+}
+
+/// A `Service`: its name, cluster IP and ports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    /// `None` for headless services (`clusterIP: None`) or when unset.
+    pub cluster_ip: Option<String>,
+    pub ports: Vec<ServicePort>,
+}
+
+/// One port of a `Service`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServicePort {
+    /// Empty when the port is unnamed (allowed for single-port services).
+    pub name: String,
+    pub port: u16,
+    /// `TCP` unless the manifest says otherwise.
+    pub protocol: String,
+    pub app_protocol: Option<String>,
+}
+
+/// An `EndpointSlice`: the addresses behind (part of) a service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointSlice {
+    pub name: String,
+    pub namespace: String,
+    /// From the `kubernetes.io/service-name` label.
+    pub service: Option<String>,
+    pub address_type: String,
+    pub ports: Vec<EndpointPort>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// A port of an EndpointSlice; `name` matches the service port's name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointPort {
+    pub name: String,
+    pub port: u16,
+}
+
+/// One endpoint (usually a pod) of an EndpointSlice.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Endpoint {
+    pub addresses: Vec<String>,
+    /// `conditions.ready`; an absent value means ready, as Kubernetes specifies.
+    pub ready: bool,
+    pub zone: Option<String>,
+}
+
+/// The immutable model translation reads.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Model {
+    /// Keyed by (namespace, name).
+    pub services: BTreeMap<(String, String), Service>,
+    /// Keyed by (namespace, name).
+    pub endpoint_slices: BTreeMap<(String, String), EndpointSlice>,
+    pub namespaces: BTreeSet<String>,
+}
+
+impl Model {
+    /// Builds a model from objects; a later object with the same kind, namespace and name
+    /// replaces an earlier one.
+    pub fn build(objects: impl IntoIterator<Item = Object>) -> Self {
+        let mut model = Model::default();
+        for object in objects {
+            match object {
+                Object::Service(s) => {
+                    model.namespaces.insert(s.namespace.clone());
+                    model
+                        .services
+                        .insert((s.namespace.clone(), s.name.clone()), s);
+                }
+                Object::EndpointSlice(e) => {
+                    model
+                        .endpoint_slices
+                        .insert((e.namespace.clone(), e.name.clone()), e);
+                }
+                Object::Namespace(n) => {
+                    model.namespaces.insert(n);
+                }
+            }
+        }
+        model
+    }
+
+    /// The EndpointSlices of a service.
+    pub fn slices_of<'a>(
+        &'a self,
+        service: &'a Service,
+    ) -> impl Iterator<Item = &'a EndpointSlice> {
+        self.endpoint_slices.values().filter(move |s| {
+            s.namespace == service.namespace && s.service.as_deref() == Some(service.name.as_str())
+        })
+    }
+}
+
+// ---- manifest parsing -------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct Meta {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct ServiceManifest {
+    metadata: Meta,
+    #[serde(default)]
+    spec: ServiceSpec,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct ServiceSpec {
+    #[serde(default, rename = "clusterIP")]
+    cluster_ip: Option<String>,
+    #[serde(default)]
+    ports: Vec<ServicePortSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ServicePortSpec {
+    #[serde(default)]
+    name: Option<String>,
+    port: i64,
+    #[serde(default)]
+    protocol: Option<String>,
+    #[serde(default)]
+    app_protocol: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SliceManifest {
+    metadata: Meta,
+    #[serde(default)]
+    address_type: Option<String>,
+    #[serde(default)]
+    ports: Option<Vec<SlicePortSpec>>,
+    #[serde(default)]
+    endpoints: Option<Vec<EndpointSpec>>,
+}
+
+#[derive(Deserialize)]
+struct SlicePortSpec {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    port: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct EndpointSpec {
+    #[serde(default)]
+    addresses: Vec<String>,
+    #[serde(default)]
+    conditions: Option<Conditions>,
+    #[serde(default)]
+    zone: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Conditions {
+    #[serde(default)]
+    ready: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct NamespaceManifest {
+    metadata: Meta,
+}
+
+fn port(value: i64, what: &str) -> Result<u16, String> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{what}: {value} is not a port (1-65535)"))
+}
+
+fn namespace_of(meta: &Meta) -> String {
+    meta.namespace
+        .clone()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "default".to_string())
+}
+
+/// Parses a (multi-document) YAML or JSON manifest into the objects Legate understands.
+/// Kinds it does not use are skipped; a malformed document of a known kind fails the whole
+/// text, so that a half-read file never reaches the model.
+pub fn parse_manifests(text: &str) -> Result<Vec<Object>, ManifestError> {
+    let mut out = Vec::new();
+    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = serde_yaml::Value::deserialize(doc).map_err(|e| ManifestError::Document {
+            index,
+            reason: e.to_string(),
+        })?;
+        if value.is_null() {
+            continue;
+        }
+        let kind = value
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .ok_or_else(|| ManifestError::Document {
+                index,
+                reason: "no kind".into(),
+            })?
+            .to_string();
+        let name = value
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(|n| n.as_str())
+            .unwrap_or("")
+            .to_string();
+        let object_error = |reason: String| ManifestError::Object {
+            index,
+            kind: kind.clone(),
+            name: name.clone(),
+            reason,
+        };
+        if name.is_empty() && matches!(kind.as_str(), "Service" | "EndpointSlice" | "Namespace") {
+            return Err(object_error("metadata.name is required".into()));
+        }
+        let object = match kind.as_str() {
+            "Service" => {
+                let m: ServiceManifest =
+                    serde_yaml::from_value(value).map_err(|e| object_error(e.to_string()))?;
+                Object::Service(service(m).map_err(object_error)?)
+            }
+            "EndpointSlice" => {
+                let m: SliceManifest =
+                    serde_yaml::from_value(value).map_err(|e| object_error(e.to_string()))?;
+                Object::EndpointSlice(slice(m).map_err(object_error)?)
+            }
+            "Namespace" => {
+                let m: NamespaceManifest =
+                    serde_yaml::from_value(value).map_err(|e| object_error(e.to_string()))?;
+                Object::Namespace(m.metadata.name)
+            }
+            _ => continue,
+        };
+        out.push(object);
+    }
+    Ok(out)
+}
+
+fn service(m: ServiceManifest) -> Result<Service, String> {
+    let mut ports = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (i, p) in m.spec.ports.into_iter().enumerate() {
+        let number = port(p.port, &format!("spec.ports[{i}].port"))?;
+        let name = p.name.unwrap_or_default();
+        if !seen.insert(name.clone()) {
+            return Err(format!(
+                "spec.ports[{i}].name: duplicate port name {name:?}"
+            ));
+        }
+        ports.push(ServicePort {
+            name,
+            port: number,
+            protocol: p.protocol.unwrap_or_else(|| "TCP".into()),
+            app_protocol: p.app_protocol.map(|a| a.to_ascii_lowercase()),
+        });
+    }
+    let cluster_ip = m
+        .spec
+        .cluster_ip
+        .filter(|ip| !ip.is_empty() && !ip.eq_ignore_ascii_case("none"));
+    Ok(Service {
+        namespace: namespace_of(&m.metadata),
+        name: m.metadata.name,
+        cluster_ip,
+        ports,
+    })
+}
+
+fn slice(m: SliceManifest) -> Result<EndpointSlice, String> {
+    let mut ports = Vec::new();
+    for (i, p) in m.ports.unwrap_or_default().into_iter().enumerate() {
+        let Some(number) = p.port else {
+            // A port with no number means "all ports" in Kubernetes; Legate needs a number.
+            return Err(format!("ports[{i}].port is required"));
+        };
+        ports.push(EndpointPort {
+            name: p.name.unwrap_or_default(),
+            port: port(number, &format!("ports[{i}].port"))?,
+        });
+    }
+    let endpoints = m
+        .endpoints
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| Endpoint {
+            addresses: e.addresses,
+            ready: e.conditions.and_then(|c| c.ready).unwrap_or(true),
+            zone: e.zone.filter(|z| !z.is_empty()),
+        })
+        .collect();
+    Ok(EndpointSlice {
+        namespace: namespace_of(&m.metadata),
+        service: m.metadata.labels.get(SERVICE_NAME_LABEL).cloned(),
+        name: m.metadata.name,
+        address_type: m.address_type.unwrap_or_else(|| "IPv4".into()),
+        ports,
+        endpoints,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MANIFESTS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec:
+  clusterIP: 10.96.0.7
+  ports:
+  - {name: http, port: 80, targetPort: 9080}
+  - {name: grpc-api, port: 9090, appProtocol: GRPC}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: reviews-abc
+  namespace: shop
+  labels: {kubernetes.io/service-name: reviews}
+addressType: IPv4
+ports: [{name: http, port: 9080}]
+endpoints:
+- addresses: [10.0.0.1]
+  zone: z1
+- addresses: [10.0.0.2]
+  conditions: {ready: false}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: ignored}
+"#;
+
+    #[test]
+    fn parses_services_slices_and_namespaces() -> Result<(), ManifestError> {
+        let model = Model::build(parse_manifests(MANIFESTS)?);
+        assert!(model.namespaces.contains("shop"));
+        let svc = &model.services[&("shop".to_string(), "reviews".to_string())];
+        assert_eq!(svc.cluster_ip.as_deref(), Some("10.96.0.7"));
+        assert_eq!(svc.ports[1].app_protocol.as_deref(), Some("grpc"));
+        let slices: Vec<_> = model.slices_of(svc).collect();
+        assert_eq!(slices.len(), 1);
+        assert!(slices[0].endpoints[0].ready, "absent ready means ready");
+        assert!(!slices[0].endpoints[1].ready);
+        assert_eq!(slices[0].endpoints[0].zone.as_deref(), Some("z1"));
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_bad_ports_with_the_field() {
+        let bad = "kind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 70000}]}\n";
+        let err = parse_manifests(bad).err().map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("document 0 (Service a): spec.ports[0].port: 70000 is not a port (1-65535)")
+        );
+    }
+
+    #[test]
+    fn rejects_yaml_syntax_errors() {
+        assert!(parse_manifests("kind: Service\nmetadata: {name: [\n").is_err());
+    }
+}

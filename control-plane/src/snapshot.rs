@@ -1,0 +1,330 @@
+//! Snapshots: one proxy group's encoded resources, with a version per resource type.
+//!
+//! A snapshot is built only from a consistent set of resources (every route configuration a
+//! listener names, every cluster a route names and the ClusterLoadAssignment of every EDS
+//! cluster exist; names are unique per type). A type keeps its version when none of its
+//! resources changed, so a proxy is never pushed what it already has.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+use legate_proto::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType};
+use legate_proto::pb::envoy::config::listener::v3::filter::ConfigType;
+use legate_proto::pb::envoy::config::route::v3::route::Action;
+use legate_proto::pb::envoy::config::route::v3::route_action::ClusterSpecifier;
+use legate_proto::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    http_connection_manager::RouteSpecifier, HttpConnectionManager,
+};
+use legate_proto::pb::google::protobuf::Any;
+use prost::{Message, Name};
+
+use crate::translate::{to_any, Resources};
+
+/// The xDS resource types the control plane serves, in ADS push order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ResourceType {
+    Cluster,
+    Endpoint,
+    Listener,
+    Route,
+}
+
+impl ResourceType {
+    /// Push order over ADS: CDS, EDS, LDS, RDS.
+    pub const ORDER: [ResourceType; 4] = [
+        ResourceType::Cluster,
+        ResourceType::Endpoint,
+        ResourceType::Listener,
+        ResourceType::Route,
+    ];
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn type_url(self) -> &'static str {
+        match self {
+            ResourceType::Cluster => "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+            ResourceType::Endpoint => {
+                "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+            }
+            ResourceType::Listener => "type.googleapis.com/envoy.config.listener.v3.Listener",
+            ResourceType::Route => "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+        }
+    }
+
+    pub fn from_type_url(url: &str) -> Option<Self> {
+        Self::ORDER.into_iter().find(|t| t.type_url() == url)
+    }
+
+    /// `cds`, `eds`, `lds`, `rds`.
+    pub fn short_name(self) -> &'static str {
+        match self {
+            ResourceType::Cluster => "cds",
+            ResourceType::Endpoint => "eds",
+            ResourceType::Listener => "lds",
+            ResourceType::Route => "rds",
+        }
+    }
+
+    /// Only LDS and CDS support wildcard subscriptions.
+    pub fn is_wildcard(self) -> bool {
+        matches!(self, ResourceType::Cluster | ResourceType::Listener)
+    }
+}
+
+/// Why a set of resources cannot be published.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SnapshotError {
+    #[error("{kind} {name:?} appears twice")]
+    Duplicate { kind: &'static str, name: String },
+    #[error("listener {listener:?} names route configuration {route:?}, which does not exist")]
+    MissingRoute { listener: String, route: String },
+    #[error("route configuration {route:?} names cluster {cluster:?}, which does not exist")]
+    MissingCluster { route: String, cluster: String },
+    #[error("EDS cluster {0:?} has no ClusterLoadAssignment")]
+    MissingEndpoints(String),
+    #[error("listener {listener:?}: cannot decode its HTTP connection manager: {reason}")]
+    BadFilter { listener: String, reason: String },
+}
+
+/// One encoded resource; `hash` is its per-resource version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resource {
+    pub any: Any,
+    pub hash: u64,
+}
+
+/// The resources of one type and their version.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TypeSnapshot {
+    pub version: String,
+    pub resources: BTreeMap<String, Resource>,
+}
+
+impl TypeSnapshot {
+    fn same_content(&self, other: &TypeSnapshot) -> bool {
+        self.resources.len() == other.resources.len()
+            && self
+                .resources
+                .iter()
+                .zip(&other.resources)
+                .all(|((a, ra), (b, rb))| a == b && ra.any.value == rb.any.value)
+    }
+}
+
+/// An immutable, consistent set of resources for one proxy group.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    types: [TypeSnapshot; 4],
+}
+
+fn encode<M: Message + Name>(
+    kind: &'static str,
+    items: &[M],
+    name: impl Fn(&M) -> &str,
+) -> Result<BTreeMap<String, Resource>, SnapshotError> {
+    let mut out = BTreeMap::new();
+    for item in items {
+        let any = to_any(item);
+        let mut hasher = DefaultHasher::new();
+        any.value.hash(&mut hasher);
+        let resource = Resource {
+            any,
+            hash: hasher.finish(),
+        };
+        if out.insert(name(item).to_string(), resource).is_some() {
+            return Err(SnapshotError::Duplicate {
+                kind,
+                name: name(item).to_string(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Checks that every reference between the resources resolves.
+pub fn check_consistent(resources: &Resources) -> Result<(), SnapshotError> {
+    let routes: BTreeSet<&str> = resources.routes.iter().map(|r| r.name.as_str()).collect();
+    let clusters: BTreeSet<&str> = resources.clusters.iter().map(|c| c.name.as_str()).collect();
+    let assignments: BTreeSet<&str> = resources
+        .endpoints
+        .iter()
+        .map(|e| e.cluster_name.as_str())
+        .collect();
+    for listener in &resources.listeners {
+        for chain in &listener.filter_chains {
+            for filter in &chain.filters {
+                let Some(ConfigType::TypedConfig(any)) = &filter.config_type else {
+                    continue;
+                };
+                if any.type_url != HttpConnectionManager::type_url() {
+                    continue;
+                }
+                let hcm = HttpConnectionManager::decode(any.value.as_slice()).map_err(|e| {
+                    SnapshotError::BadFilter {
+                        listener: listener.name.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                if let Some(RouteSpecifier::Rds(rds)) = &hcm.route_specifier {
+                    if !routes.contains(rds.route_config_name.as_str()) {
+                        return Err(SnapshotError::MissingRoute {
+                            listener: listener.name.clone(),
+                            route: rds.route_config_name.clone(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    for route in &resources.routes {
+        for vhost in &route.virtual_hosts {
+            for r in &vhost.routes {
+                let Some(Action::Route(action)) = &r.action else {
+                    continue;
+                };
+                if let Some(ClusterSpecifier::Cluster(cluster)) = &action.cluster_specifier {
+                    if !clusters.contains(cluster.as_str()) {
+                        return Err(SnapshotError::MissingCluster {
+                            route: route.name.clone(),
+                            cluster: cluster.clone(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    for cluster in &resources.clusters {
+        let eds = cluster.cluster_discovery_type
+            == Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32));
+        let service_name = cluster
+            .eds_cluster_config
+            .as_ref()
+            .map(|c| c.service_name.as_str())
+            .filter(|s| !s.is_empty())
+            .unwrap_or(cluster.name.as_str());
+        if eds && !assignments.contains(service_name) {
+            return Err(SnapshotError::MissingEndpoints(cluster.name.clone()));
+        }
+    }
+    Ok(())
+}
+
+impl Snapshot {
+    /// Encodes `resources` into a snapshot. A type whose content equals `previous`'s keeps
+    /// its version; a changed type takes `version`.
+    pub fn build(
+        resources: &Resources,
+        previous: Option<&Snapshot>,
+        version: u64,
+    ) -> Result<Snapshot, SnapshotError> {
+        check_consistent(resources)?;
+        let encoded = [
+            encode("cluster", &resources.clusters, |c| c.name.as_str())?,
+            encode("cluster load assignment", &resources.endpoints, |e| {
+                e.cluster_name.as_str()
+            })?,
+            encode("listener", &resources.listeners, |l| l.name.as_str())?,
+            encode("route configuration", &resources.routes, |r| {
+                r.name.as_str()
+            })?,
+        ];
+        let mut snapshot = Snapshot::default();
+        for (t, resources) in ResourceType::ORDER.into_iter().zip(encoded) {
+            let mut next = TypeSnapshot {
+                version: version.to_string(),
+                resources,
+            };
+            if let Some(prev) = previous.map(|p| p.get(t)) {
+                if prev.same_content(&next) {
+                    next.version = prev.version.clone();
+                }
+            }
+            snapshot.types[t.index()] = next;
+        }
+        Ok(snapshot)
+    }
+
+    pub fn get(&self, t: ResourceType) -> &TypeSnapshot {
+        &self.types[t.index()]
+    }
+
+    /// The types whose version differs from `other`'s.
+    pub fn changed_types(&self, other: &Snapshot) -> Vec<ResourceType> {
+        ResourceType::ORDER
+            .into_iter()
+            .filter(|t| self.get(*t).version != other.get(*t).version)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{ProxyGroup, Role};
+    use crate::model::{parse_manifests, Model};
+    use crate::translate::{translate, TranslateOptions};
+
+    fn resources(manifests: &str) -> Result<Resources, crate::model::ManifestError> {
+        let model = Model::build(parse_manifests(manifests)?);
+        let group = ProxyGroup {
+            role: Role::Sidecar,
+            ip: std::net::IpAddr::from([127, 0, 0, 1]),
+            namespace: "default".into(),
+            outbound_port: 15001,
+        };
+        Ok(translate(&model, &group, &TranslateOptions::default()))
+    }
+
+    const SVC: &str =
+        "kind: Service\nmetadata: {name: a}\nspec: {ports: [{name: http, port: 80}]}\n";
+    const SLICE: &str = "---\nkind: EndpointSlice\nmetadata: {name: a-1, labels: {kubernetes.io/service-name: a}}\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.0.0.1]}]\n";
+
+    #[test]
+    fn unchanged_types_keep_their_version() -> Result<(), Box<dyn std::error::Error>> {
+        let first = Snapshot::build(&resources(SVC)?, None, 1)?;
+        for t in ResourceType::ORDER {
+            assert_eq!(first.get(t).version, "1");
+        }
+        let second = Snapshot::build(&resources(&format!("{SVC}{SLICE}"))?, Some(&first), 2)?;
+        assert_eq!(second.changed_types(&first), [ResourceType::Endpoint]);
+        assert_eq!(second.get(ResourceType::Cluster).version, "1");
+        assert_eq!(second.get(ResourceType::Endpoint).version, "2");
+        let same = Snapshot::build(&resources(&format!("{SVC}{SLICE}"))?, Some(&second), 3)?;
+        assert!(same.changed_types(&second).is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn inconsistent_resources_are_refused() -> Result<(), Box<dyn std::error::Error>> {
+        let mut r = resources(SVC)?;
+        r.endpoints.clear();
+        assert_eq!(
+            Snapshot::build(&r, None, 1).err(),
+            Some(SnapshotError::MissingEndpoints(
+                "outbound|80||a.default.svc.cluster.local".into()
+            ))
+        );
+        let mut r = resources(SVC)?;
+        r.clusters.clear();
+        assert!(matches!(
+            Snapshot::build(&r, None, 1),
+            Err(SnapshotError::MissingCluster { .. })
+        ));
+        let mut r = resources(SVC)?;
+        r.routes.clear();
+        assert!(matches!(
+            Snapshot::build(&r, None, 1),
+            Err(SnapshotError::MissingRoute { .. })
+        ));
+        let mut r = resources(SVC)?;
+        let dup = r.clusters[0].clone();
+        r.clusters.push(dup);
+        assert!(matches!(
+            Snapshot::build(&r, None, 1),
+            Err(SnapshotError::Duplicate { .. })
+        ));
+        Ok(())
+    }
+}

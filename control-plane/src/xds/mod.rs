@@ -1,0 +1,269 @@
+//! The ADS server: one task per state-of-the-world stream, fed by the snapshot cache.
+//!
+//! The task owns its [`stream::StreamState`] and a `watch` receiver of its group's snapshot;
+//! it wakes on a request or a new snapshot, and pushes what is due in ADS order (CDS, EDS,
+//! LDS, RDS). It ends cleanly when the proxy hangs up, the stream fails, or the server shuts
+//! down. Delta xDS is not implemented yet and answers `UNIMPLEMENTED`.
+
+pub mod stream;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use legate_proto::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
+use legate_proto::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::cache::SnapshotCache;
+use crate::identity::ProxyIdentity;
+use crate::metrics::Metrics;
+use crate::registry::{ProxyRegistry, ProxyStatus};
+use crate::snapshot::{ResourceType, Snapshot};
+use stream::{RequestOutcome, StreamState};
+
+/// The aggregated discovery service.
+pub struct AdsServer {
+    cache: Arc<SnapshotCache>,
+    registry: Arc<ProxyRegistry>,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+    next_stream: AtomicU64,
+}
+
+impl AdsServer {
+    pub fn new(
+        cache: Arc<SnapshotCache>,
+        registry: Arc<ProxyRegistry>,
+        metrics: Arc<Metrics>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            cache,
+            registry,
+            metrics,
+            shutdown,
+            next_stream: AtomicU64::new(1),
+        }
+    }
+}
+
+type ResponseTx = mpsc::Sender<Result<DiscoveryResponse, Status>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsServer {
+    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let task = StreamTask {
+            id: self.next_stream.fetch_add(1, Ordering::Relaxed),
+            cache: self.cache.clone(),
+            registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
+            tx,
+        };
+        self.metrics.inc(&self.metrics.streams_total);
+        tokio::spawn(task.run(inbound, self.shutdown.clone()));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn delta_aggregated_resources(
+        &self,
+        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        Err(Status::unimplemented(
+            "legate-pilot serves state-of-the-world ADS only (ads_config.api_type: GRPC)",
+        ))
+    }
+}
+
+struct StreamTask {
+    id: u64,
+    cache: Arc<SnapshotCache>,
+    registry: Arc<ProxyRegistry>,
+    metrics: Arc<Metrics>,
+    tx: ResponseTx,
+}
+
+/// Why a stream ended.
+#[derive(Debug, thiserror::Error)]
+enum StreamEnd {
+    #[error("the proxy closed the stream")]
+    Closed,
+    #[error("the control plane is shutting down")]
+    Shutdown,
+    #[error("stream error: {0}")]
+    Transport(Status),
+    #[error("{0}")]
+    Refused(Status),
+}
+
+/// The per-stream context once the proxy is identified.
+struct Session {
+    node_id: String,
+    group: String,
+    connected_at: u64,
+    state: StreamState,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+}
+
+impl StreamTask {
+    async fn run(
+        self,
+        mut inbound: Streaming<DiscoveryRequest>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let result = self.serve(&mut inbound, &mut shutdown).await;
+        self.registry.remove(self.id);
+        match result {
+            Err(StreamEnd::Refused(status)) => {
+                tracing::warn!(stream = self.id, error = %status.message(), "stream refused");
+                let _ = self.tx.send(Err(status)).await;
+            }
+            Err(end) => tracing::info!(stream = self.id, reason = %end, "stream ended"),
+            Ok(()) => {}
+        }
+    }
+
+    async fn serve(
+        &self,
+        inbound: &mut Streaming<DiscoveryRequest>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), StreamEnd> {
+        let first = tokio::select! {
+            msg = inbound.message() => msg.map_err(StreamEnd::Transport)?.ok_or(StreamEnd::Closed)?,
+            _ = shutdown.changed() => return Err(StreamEnd::Shutdown),
+        };
+        let identity = ProxyIdentity::from_node(first.node.as_ref())
+            .map_err(|e| StreamEnd::Refused(Status::invalid_argument(e.to_string())))?;
+        let group = identity.group();
+        let snapshots = self
+            .cache
+            .watch(&group)
+            .map_err(|e| StreamEnd::Refused(Status::internal(e.to_string())))?;
+        tracing::info!(stream = self.id, node = %identity.id, group = %group, "proxy connected");
+        let mut session = Session {
+            node_id: identity.id.clone(),
+            group: group.to_string(),
+            connected_at: ProxyRegistry::connected_at_now(),
+            state: StreamState::new(),
+            snapshots,
+        };
+        self.handle_request(&mut session, &first).await?;
+        loop {
+            tokio::select! {
+                msg = inbound.message() => {
+                    let req = msg.map_err(StreamEnd::Transport)?.ok_or(StreamEnd::Closed)?;
+                    self.handle_request(&mut session, &req).await?;
+                }
+                changed = session.snapshots.changed() => {
+                    if changed.is_err() {
+                        return Err(StreamEnd::Shutdown);
+                    }
+                    let snapshot = session.snapshots.borrow_and_update().clone();
+                    self.push(&mut session, &snapshot, &ResourceType::ORDER).await?;
+                }
+                _ = shutdown.changed() => return Err(StreamEnd::Shutdown),
+                _ = self.tx.closed() => return Err(StreamEnd::Closed),
+            }
+        }
+    }
+
+    async fn handle_request(
+        &self,
+        session: &mut Session,
+        req: &DiscoveryRequest,
+    ) -> Result<(), StreamEnd> {
+        let (t, outcome) = session.state.on_request(req);
+        match (&outcome, t) {
+            (RequestOutcome::UnknownType(url), _) => {
+                tracing::warn!(stream = self.id, type_url = %url, "request for an unserved type ignored");
+            }
+            (RequestOutcome::Ack { push_ack }, Some(t)) => {
+                self.metrics.inc_type(&self.metrics.acks, t);
+                if let Some(d) = push_ack {
+                    self.metrics.observe_push_ack(*d);
+                }
+                tracing::debug!(stream = self.id, r#type = t.short_name(), version = %req.version_info, "ACK");
+            }
+            (RequestOutcome::Nack { detail, push_ack }, Some(t)) => {
+                self.metrics.inc_type(&self.metrics.nacks, t);
+                if let Some(d) = push_ack {
+                    self.metrics.observe_push_ack(*d);
+                }
+                tracing::warn!(stream = self.id, node = %session.node_id, r#type = t.short_name(), kept_version = %req.version_info, error_detail = %detail, "NACK");
+            }
+            (RequestOutcome::Stale, Some(t)) => {
+                tracing::debug!(stream = self.id, r#type = t.short_name(), nonce = %req.response_nonce, "stale nonce ignored");
+            }
+            _ => {}
+        }
+        if let (Some(t), false) = (t, outcome == RequestOutcome::Stale) {
+            let snapshot = session.snapshots.borrow().clone();
+            self.push(session, &snapshot, &[t]).await?;
+        } else {
+            self.report(session);
+        }
+        Ok(())
+    }
+
+    /// Sends what is due among `types`, in ADS order. A CDS push is followed by EDS (sent
+    /// even if unchanged) so that updated clusters finish warming.
+    async fn push(
+        &self,
+        session: &mut Session,
+        snapshot: &Snapshot,
+        types: &[ResourceType],
+    ) -> Result<(), StreamEnd> {
+        let mut eds_forced = false;
+        for t in ResourceType::ORDER {
+            let wanted = types.contains(&t) || (t == ResourceType::Endpoint && eds_forced);
+            if !wanted {
+                continue;
+            }
+            if let Some(response) = session.state.next_response(t, snapshot) {
+                tracing::debug!(stream = self.id, r#type = t.short_name(), version = %response.version_info, resources = response.resources.len(), "push");
+                self.metrics.inc_type(&self.metrics.pushes, t);
+                self.tx
+                    .send(Ok(response))
+                    .await
+                    .map_err(|_| StreamEnd::Closed)?;
+                if t == ResourceType::Cluster && session.state.subscribed(ResourceType::Endpoint) {
+                    session.state.force(ResourceType::Endpoint);
+                    eds_forced = true;
+                }
+            }
+        }
+        self.report(session);
+        Ok(())
+    }
+
+    fn report(&self, session: &Session) {
+        let snapshot = session.snapshots.borrow().clone();
+        let types: BTreeMap<&'static str, _> = ResourceType::ORDER
+            .into_iter()
+            .filter(|t| session.state.subscribed(*t))
+            .map(|t| (t.short_name(), session.state.status(t, &snapshot)))
+            .collect();
+        let in_sync = types.values().all(|s| s.in_sync);
+        self.registry.update(ProxyStatus {
+            stream: self.id,
+            node_id: session.node_id.clone(),
+            group: session.group.clone(),
+            connected_at: session.connected_at,
+            types,
+            in_sync,
+        });
+    }
+}
