@@ -92,6 +92,30 @@ pub struct RequestContext {
     /// The matched route's configuration for the filter being called, if the route (or its
     /// virtual host) has one. Set by the chain before each call.
     pub route_config: Option<RouteConfig>,
+    /// What filters carry from their request phase to their response phase.
+    pub filter_data: FilterData,
+}
+
+/// Per-request values that filters keep between their phases (what a response phase must add,
+/// a guard released when the request ends), keyed by the filter's name in `http_filters`.
+/// Empty, and allocation-free, until a filter stores something.
+#[derive(Default)]
+pub struct FilterData(Vec<(String, Box<dyn Any + Send + Sync>)>);
+
+impl FilterData {
+    /// Stores (or replaces) the value of filter `name`.
+    pub fn insert<T: Any + Send + Sync>(&mut self, name: &str, value: T) {
+        self.0.retain(|(n, _)| n != name);
+        self.0.push((name.to_owned(), Box::new(value)));
+    }
+
+    /// The value of filter `name`, if it stored one of type `T`.
+    pub fn get<T: Any + Send + Sync>(&self, name: &str) -> Option<&T> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v.downcast_ref::<T>())
+    }
 }
 
 impl std::fmt::Debug for RequestContext {

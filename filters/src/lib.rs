@@ -7,9 +7,14 @@
 //! is terminal and implemented by the proxy itself. See `docs/filters.md` for the phase chart.
 
 mod api;
+mod common;
+mod header_mutation;
+mod local_ratelimit;
 mod registry;
 mod router;
 
-pub use api::{FilterStatus, HttpFilter, LocalReply, RequestContext, Resumption, RouteConfig};
+pub use api::{
+    FilterData, FilterStatus, HttpFilter, LocalReply, RequestContext, Resumption, RouteConfig,
+};
 pub use registry::{FilterConfig, FilterError, FilterFactory, FilterRegistry};
 pub use router::{RouterConfig, RouterFactory, ROUTER_TYPE_URL};

@@ -74,6 +74,8 @@ impl FilterRegistry {
     pub fn with_builtins() -> Self {
         let mut r = Self::new();
         r.register(Arc::new(crate::router::RouterFactory));
+        r.register(Arc::new(crate::header_mutation::HeaderMutationFactory));
+        r.register(Arc::new(crate::local_ratelimit::LocalRateLimitFactory));
         r
     }
 

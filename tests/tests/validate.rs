@@ -113,3 +113,89 @@ fn validate_rejects_semantic_errors() -> Result<()> {
     }
     Ok(())
 }
+
+/// A filter whose `@type` neither proxy knows is refused by both, naming the type; Legate
+/// also names the filter's path.
+#[test]
+fn validate_rejects_an_unknown_filter_type() -> Result<()> {
+    let config = fixture("unknown_filter_type.yaml");
+    for kind in sides()? {
+        let f = validate(kind, &config)?;
+        ensure!(!f.status.success(), "{}", describe(kind, &f));
+        let output = format!("{}{}", f.stdout, f.stderr);
+        let mut needles = vec!["example.filters.NoSuchFilter"];
+        if kind == ProxyKind::Legate {
+            needles.push("http_filters[0].typed_config");
+        }
+        for needle in needles {
+            ensure!(
+                output.contains(needle),
+                "expected {needle:?} in the output\n{}",
+                describe(kind, &f)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Envoy runs its buffer filter; Legate does not implement it and must say so with the full
+/// type URL and the filter's path rather than run without it.
+#[test]
+fn validate_rejects_an_unregistered_filter_by_type_url_and_path() -> Result<()> {
+    if !sides()?.contains(&ProxyKind::Legate) {
+        return Ok(());
+    }
+    let config = fixture("unregistered_filter.yaml");
+    let f = validate(ProxyKind::Legate, &config)?;
+    ensure!(!f.status.success(), "{}", describe(ProxyKind::Legate, &f));
+    let output = format!("{}{}", f.stdout, f.stderr);
+    for needle in [
+        "listeners[0].filter_chains[0].filters[0].typed_config.http_filters[0].typed_config",
+        "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+    ] {
+        ensure!(
+            output.contains(needle),
+            "expected {needle:?} in the output\n{}",
+            describe(ProxyKind::Legate, &f)
+        );
+    }
+    Ok(())
+}
+
+/// A known filter with a field that is not in its proto: both proxies name the field.
+#[test]
+fn validate_rejects_an_unknown_filter_field_by_name() -> Result<()> {
+    let config = fixture("filter_unknown_field.yaml");
+    for kind in sides()? {
+        let f = validate(kind, &config)?;
+        ensure!(!f.status.success(), "{}", describe(kind, &f));
+        let output = format!("{}{}", f.stdout, f.stderr);
+        for needle in ["http_filters[0]", "bogus_action"] {
+            ensure!(
+                output.contains(needle),
+                "expected {needle:?} in the output\n{}",
+                describe(kind, &f)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A known filter with a valid field Legate does not implement: refused by name and path.
+#[test]
+fn validate_rejects_an_unsupported_filter_field_by_path() -> Result<()> {
+    if !sides()?.contains(&ProxyKind::Legate) {
+        return Ok(());
+    }
+    let config = fixture("filter_unsupported_field.yaml");
+    let f = validate(ProxyKind::Legate, &config)?;
+    ensure!(!f.status.success(), "{}", describe(ProxyKind::Legate, &f));
+    let output = format!("{}{}", f.stdout, f.stderr);
+    let needle = "http_filters[0].typed_config.local_rate_limit_per_downstream_connection";
+    ensure!(
+        output.contains(needle),
+        "expected {needle:?} in the output\n{}",
+        describe(ProxyKind::Legate, &f)
+    );
+    Ok(())
+}

@@ -302,6 +302,47 @@ const SUPPORTED: &[(&str, &[&str])] = &[
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.AutoHttpConfig",
         &["http_protocol_options", "http2_protocol_options"],
     ),
+    // HTTP filters (legate-filters): the same lists as each filter's own table.
+    (
+        "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+        &["mutations", "most_specific_header_mutations_wins"],
+    ),
+    (
+        "envoy.extensions.filters.http.header_mutation.v3.HeaderMutationPerRoute",
+        &["mutations"],
+    ),
+    (
+        "envoy.extensions.filters.http.header_mutation.v3.Mutations",
+        &["request_mutations", "response_mutations"],
+    ),
+    (
+        "envoy.config.common.mutation_rules.v3.HeaderMutation",
+        &["remove", "append", "remove_on_match"],
+    ),
+    (
+        "envoy.config.common.mutation_rules.v3.HeaderMutation.RemoveOnMatch",
+        &["key_matcher"],
+    ),
+    (
+        "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+        &[
+            "stat_prefix",
+            "status",
+            "token_bucket",
+            "filter_enabled",
+            "filter_enforced",
+            "request_headers_to_add_when_not_enforced",
+            "response_headers_to_add",
+            "enable_x_ratelimit_headers",
+        ],
+    ),
+    ("envoy.type.v3.HttpStatus", &["code"]),
+    ("envoy.type.v3.TokenBucket", &["max_tokens", "tokens_per_fill", "fill_interval"]),
+    (
+        "envoy.config.core.v3.RuntimeFractionalPercent",
+        &["default_value", "runtime_key"],
+    ),
+    ("envoy.type.v3.FractionalPercent", &["numerator", "denominator"]),
 ];
 
 /// Fields accepted with a warning because they tune or observe without changing traffic.
