@@ -5,5 +5,6 @@ mod harness;
 mod lifecycle;
 mod malformed;
 mod malformed_h2;
+mod pilot;
 mod scenarios;
 mod validate;

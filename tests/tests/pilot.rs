@@ -1,0 +1,345 @@
+//! `legate-pilot` driving real Envoy 1.40 over ADS (state of the world).
+//!
+//! The pilot watches a temp directory holding a Service and its EndpointSlice, which points at
+//! a Rust echo upstream. Envoy starts from a bootstrap that knows nothing but the pilot's
+//! address, identifies itself as a sidecar, and must route `Host: echo.default.svc...` to the
+//! echo upstream through the outbound listener the pilot gives it. Editing the EndpointSlice
+//! must move traffic to a second upstream; a malformed manifest must change nothing; the
+//! pilot's `/debug/syncz` must show the proxy in sync and `/metrics` count pushes, no NACKs.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use legate_tests::bins::{workspace_root, ProxyKind};
+use legate_tests::client::{admin_get, send, Request, Transport};
+use legate_tests::process::{ProcessGuard, TempDir};
+use legate_tests::proxy::{parse_listeners, Proxy};
+use legate_tests::upstream::{Echo, Upstream};
+
+/// How long any one convergence may take (the pilot polls files every 200 ms and debounces).
+const DEADLINE: Duration = Duration::from_secs(10);
+
+const POLL: Duration = Duration::from_millis(50);
+
+const NODE_ID: &str = "sidecar~127.0.0.1~app.default~default.svc.cluster.local";
+
+/// `legate-pilot`: `$LEGATE_PILOT_BIN`, else `<target>/debug/legate-pilot` (built by
+/// `cargo test --workspace`, as the control-plane crate has integration tests).
+fn pilot_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("LEGATE_PILOT_BIN") {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(anyhow!("LEGATE_PILOT_BIN={} does not exist", p.display()))
+        };
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|t| {
+            if t.is_absolute() {
+                t
+            } else {
+                workspace_root().join(t)
+            }
+        })
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let path = target.join("debug/legate-pilot");
+    if path.is_file() {
+        Ok(path)
+    } else {
+        bail!(
+            "legate-pilot not found at {}: build it with `cargo build -p legate-control-plane` \
+             (same CARGO_TARGET_DIR) or set LEGATE_PILOT_BIN",
+            path.display()
+        )
+    }
+}
+
+/// Polls `f` until it returns `Ok(Some(_))`, or fails with the last error after `DEADLINE`.
+async fn eventually<T, F, Fut>(what: &str, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let last = match f().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => "not yet".to_string(),
+            Err(e) => format!("{e:#}"),
+        };
+        if Instant::now() > deadline {
+            bail!("{what}: not reached within {DEADLINE:?} (last: {last})");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// A running pilot; killed when dropped.
+struct Pilot {
+    guard: ProcessGuard,
+    xds: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Pilot {
+    async fn start(dir: &Path, config_dir: &Path) -> Result<Self> {
+        let xds_file = dir.join("pilot.xds");
+        let admin_file = dir.join("pilot.admin");
+        let args: Vec<String> = vec![
+            "--config-dir".into(),
+            config_dir.display().to_string(),
+            "--xds-address".into(),
+            "127.0.0.1:0".into(),
+            "--xds-address-path".into(),
+            xds_file.display().to_string(),
+            "--admin-address".into(),
+            "127.0.0.1:0".into(),
+            "--admin-address-path".into(),
+            admin_file.display().to_string(),
+            "--debounce-ms".into(),
+            "50".into(),
+        ];
+        let mut guard = ProcessGuard::spawn("legate-pilot", &pilot_bin()?, &args, dir)?;
+        let read_addr = |path: &Path| -> Option<SocketAddr> {
+            std::fs::read_to_string(path).ok()?.trim().parse().ok()
+        };
+        let deadline = Instant::now() + DEADLINE;
+        let (xds, admin) = loop {
+            if let Some(status) = guard.exited() {
+                bail!("legate-pilot exited with {status}\n{}", guard.output());
+            }
+            if let (Some(x), Some(a)) = (read_addr(&xds_file), read_addr(&admin_file)) {
+                break (x, a);
+            }
+            if Instant::now() > deadline {
+                bail!("legate-pilot wrote no addresses\n{}", guard.output());
+            }
+            tokio::time::sleep(POLL).await;
+        };
+        let pilot = Self { guard, xds, admin };
+        eventually("pilot /ready", || async {
+            Ok((admin_get(pilot.admin, "/ready").await?.0 == 200).then_some(()))
+        })
+        .await
+        .with_context(|| pilot.guard.output())?;
+        Ok(pilot)
+    }
+
+    async fn get(&self, path: &str) -> Result<String> {
+        let (status, body) = admin_get(self.admin, path).await?;
+        if status != 200 {
+            bail!("pilot GET {path}: {status} {body}");
+        }
+        Ok(body)
+    }
+
+    /// The value of a Prometheus sample (`name{labels}` exactly as rendered).
+    async fn metric(&self, sample: &str) -> Result<f64> {
+        let text = self.get("/metrics").await?;
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(sample)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .ok_or_else(|| anyhow!("no sample {sample} in\n{text}"))
+    }
+}
+
+fn manifests(endpoint_port: u16) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: echo, namespace: default}}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - {{name: http, port: 80, targetPort: {endpoint_port}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: echo-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: echo}}
+addressType: IPv4
+ports: [{{name: http, port: {endpoint_port}, protocol: TCP}}]
+endpoints:
+- addresses: [127.0.0.1]
+  conditions: {{ready: true}}
+  zone: zone-a
+"#
+    )
+}
+
+/// Replaces `path` atomically, as `kubectl`-driven tooling and editors do.
+fn write_manifest(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn bootstrap(xds: SocketAddr) -> String {
+    format!(
+        r#"
+node:
+  id: {NODE_ID}
+  cluster: app.default
+  metadata: {{LEGATE_OUTBOUND_PORT: "0"}}
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}}}
+dynamic_resources:
+  ads_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services: [{{envoy_grpc: {{cluster_name: xds-grpc}}}}]
+  cds_config: {{ads: {{}}, resource_api_version: V3}}
+  lds_config: {{ads: {{}}, resource_api_version: V3}}
+static_resources:
+  clusters:
+  - name: xds-grpc
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        '@type': type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: xds-grpc
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: {ip}, port_value: {port}}}}}}}
+"#,
+        ip = xds.ip(),
+        port = xds.port(),
+    )
+}
+
+/// Which upstream answered a request for `host` through `proxy`, if one did.
+async fn answered_by(proxy: SocketAddr, host: &str) -> Result<Option<String>> {
+    let response = send(proxy, &Transport::H1, &Request::get(host, "/hello")).await?;
+    if response.status != 200 {
+        return Ok(None);
+    }
+    let echo: Echo = serde_json::from_slice(&response.body)
+        .with_context(|| format!("echo body {:?}", String::from_utf8_lossy(&response.body)))?;
+    Ok(Some(echo.upstream))
+}
+
+async fn wait_for_upstream(proxy: SocketAddr, host: &str, want: &str) -> Result<()> {
+    eventually(&format!("{host} answered by {want}"), || async {
+        Ok(answered_by(proxy, host)
+            .await?
+            .filter(|u| u == want)
+            .map(|_| ()))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_follows_the_pilot() -> Result<()> {
+    let dir = TempDir::new("pilot")?;
+    let mesh = dir.path().join("mesh");
+    std::fs::create_dir_all(&mesh)?;
+    let a = Upstream::plain("a").await?;
+    let b = Upstream::plain("b").await?;
+    let echo_yaml = mesh.join("echo.yaml");
+    write_manifest(&echo_yaml, &manifests(a.addr.port()))?;
+
+    let pilot = Pilot::start(dir.path(), &mesh).await?;
+    let bootstrap_path = dir.path().join("envoy.yaml");
+    std::fs::write(&bootstrap_path, bootstrap(pilot.xds))?;
+    let envoy = Proxy::start(ProxyKind::Envoy, &bootstrap_path, dir.path())
+        .await
+        .with_context(|| pilot.guard.output())?;
+
+    // The outbound listener comes from LDS, on an ephemeral port (LEGATE_OUTBOUND_PORT=0).
+    let outbound = eventually("Envoy's virtualOutbound listener", || async {
+        let (_, body) = admin_get(envoy.admin, "/listeners?format=json").await?;
+        Ok(parse_listeners(&body)?.get("virtualOutbound").copied())
+    })
+    .await?;
+
+    // Every name of the service reaches the echo upstream.
+    wait_for_upstream(outbound, "echo.default.svc.cluster.local", "a").await?;
+    for host in [
+        "echo",
+        "echo:80",
+        "echo.default",
+        "echo.default.svc",
+        "echo.default.svc.cluster.local:80",
+        "10.96.0.10",
+    ] {
+        assert_eq!(
+            answered_by(outbound, host).await?.as_deref(),
+            Some("a"),
+            "{host}"
+        );
+    }
+    let unknown = send(outbound, &Transport::H1, &Request::get("nope.default", "/")).await?;
+    assert_eq!(
+        unknown.status, 404,
+        "no virtual host for an unknown service"
+    );
+
+    // Convergence: the EndpointSlice now points at b.
+    write_manifest(&echo_yaml, &manifests(b.addr.port()))?;
+    let edited = Instant::now();
+    wait_for_upstream(outbound, "echo.default.svc.cluster.local", "b").await?;
+    eprintln!(
+        "traffic moved to the new endpoint {:?} after the edit",
+        edited.elapsed()
+    );
+    let before = b.requests();
+    for _ in 0..5 {
+        assert_eq!(answered_by(outbound, "echo").await?.as_deref(), Some("b"));
+    }
+    assert_eq!(b.requests(), before + 5);
+
+    // A malformed manifest is reported and changes nothing.
+    std::fs::write(
+        mesh.join("broken.yaml"),
+        "kind: Service\nmetadata: {name: [\n",
+    )?;
+    eventually("the bad manifest counted", || async {
+        Ok((pilot.metric("pilot_config_errors_total").await? >= 1.0).then_some(()))
+    })
+    .await?;
+    assert_eq!(answered_by(outbound, "echo").await?.as_deref(), Some("b"));
+
+    // The pilot sees the proxy in sync with every type ACKed at the latest version.
+    let syncz = eventually("the proxy in sync in /debug/syncz", || async {
+        let body = pilot.get("/debug/syncz").await?;
+        let proxies: serde_json::Value = serde_json::from_str(&body)?;
+        let proxy = proxies
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["node_id"] == NODE_ID))
+            .cloned();
+        Ok(proxy.filter(|p| p["in_sync"] == true))
+    })
+    .await?;
+    for t in ["cds", "eds", "lds", "rds"] {
+        let status = &syncz["types"][t];
+        assert_eq!(
+            status["acked_version"], status["latest_version"],
+            "{t}: {syncz}"
+        );
+        assert!(status["nack"].is_null(), "{t}: {syncz}");
+    }
+
+    // Pushes are counted; Envoy never NACKed.
+    assert!(pilot.metric("pilot_xds_pushes_total{type=\"eds\"}").await? >= 2.0);
+    assert_eq!(pilot.metric("pilot_xds_connected_proxies").await?, 1.0);
+    for t in ["cds", "eds", "lds", "rds"] {
+        let sample = format!("pilot_xds_nacks_total{{type=\"{t}\"}}");
+        assert_eq!(pilot.metric(&sample).await?, 0.0, "{sample}");
+    }
+    drop(envoy);
+    Ok(())
+}
