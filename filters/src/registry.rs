@@ -76,6 +76,7 @@ impl FilterRegistry {
         r.register(Arc::new(crate::router::RouterFactory));
         r.register(Arc::new(crate::header_mutation::HeaderMutationFactory));
         r.register(Arc::new(crate::local_ratelimit::LocalRateLimitFactory));
+        r.register(Arc::new(crate::fault::FaultFactory));
         r
     }
 

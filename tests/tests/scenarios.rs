@@ -33,6 +33,8 @@ scenarios! {
     downstream_tls_alpn,
     downstream_tls_redirect,
     expect_continue,
+    filter_fault_abort,
+    filter_fault_delay,
     filter_header_mutation_request_response,
     filter_local_ratelimit_token_bucket,
     grpc_no_route,

@@ -343,6 +343,20 @@ const SUPPORTED: &[(&str, &[&str])] = &[
         &["default_value", "runtime_key"],
     ),
     ("envoy.type.v3.FractionalPercent", &["numerator", "denominator"]),
+    (
+        "envoy.extensions.filters.http.fault.v3.HTTPFault",
+        &["delay", "abort", "max_active_faults", "disable_downstream_cluster_stats"],
+    ),
+    (
+        "envoy.extensions.filters.http.fault.v3.FaultAbort",
+        &["http_status", "header_abort", "percentage", "response_body"],
+    ),
+    ("envoy.extensions.filters.http.fault.v3.FaultAbort.HeaderAbort", &[]),
+    (
+        "envoy.extensions.filters.common.fault.v3.FaultDelay",
+        &["fixed_delay", "header_delay", "percentage"],
+    ),
+    ("envoy.extensions.filters.common.fault.v3.FaultDelay.HeaderDelay", &[]),
 ];
 
 /// Fields accepted with a warning because they tune or observe without changing traffic.
