@@ -186,7 +186,8 @@ fn write_manifest(path: &Path, text: &str) -> Result<()> {
     Ok(())
 }
 
-fn bootstrap(xds: SocketAddr) -> String {
+/// `api_type` is `GRPC` (state of the world) or `DELTA_GRPC`.
+fn bootstrap(xds: SocketAddr, api_type: &str) -> String {
     format!(
         r#"
 node:
@@ -196,7 +197,7 @@ node:
 admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}}}
 dynamic_resources:
   ads_config:
-    api_type: GRPC
+    api_type: {api_type}
     transport_api_version: V3
     grpc_services: [{{envoy_grpc: {{cluster_name: xds-grpc}}}}]
   cds_config: {{ads: {{}}, resource_api_version: V3}}
@@ -243,7 +244,16 @@ async fn wait_for_upstream(proxy: SocketAddr, host: &str, want: &str) -> Result<
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn envoy_follows_the_pilot() -> Result<()> {
+async fn envoy_follows_the_pilot_sotw() -> Result<()> {
+    envoy_follows_the_pilot("GRPC").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_follows_the_pilot_delta() -> Result<()> {
+    envoy_follows_the_pilot("DELTA_GRPC").await
+}
+
+async fn envoy_follows_the_pilot(api_type: &str) -> Result<()> {
     let dir = TempDir::new("pilot")?;
     let mesh = dir.path().join("mesh");
     std::fs::create_dir_all(&mesh)?;
@@ -254,7 +264,7 @@ async fn envoy_follows_the_pilot() -> Result<()> {
 
     let pilot = Pilot::start(dir.path(), &mesh).await?;
     let bootstrap_path = dir.path().join("envoy.yaml");
-    std::fs::write(&bootstrap_path, bootstrap(pilot.xds))?;
+    std::fs::write(&bootstrap_path, bootstrap(pilot.xds, api_type))?;
     let envoy = Proxy::start(ProxyKind::Envoy, &bootstrap_path, dir.path())
         .await
         .with_context(|| pilot.guard.output())?;
@@ -293,7 +303,7 @@ async fn envoy_follows_the_pilot() -> Result<()> {
     let edited = Instant::now();
     wait_for_upstream(outbound, "echo.default.svc.cluster.local", "b").await?;
     eprintln!(
-        "traffic moved to the new endpoint {:?} after the edit",
+        "{api_type}: traffic moved to the new endpoint {:?} after the edit",
         edited.elapsed()
     );
     let before = b.requests();
@@ -301,6 +311,34 @@ async fn envoy_follows_the_pilot() -> Result<()> {
         assert_eq!(answered_by(outbound, "echo").await?.as_deref(), Some("b"));
     }
     assert_eq!(b.requests(), before + 5);
+
+    // A new service is routed; removing its file removes its routes (and, over Delta, its
+    // cluster through removed_resources).
+    let other = manifests(a.addr.port())
+        .replace("name: echo", "name: other")
+        .replace("echo-1", "other-1")
+        .replace("service-name: echo", "service-name: other")
+        .replace("10.96.0.10", "10.96.0.11");
+    write_manifest(&mesh.join("other.yaml"), &other)?;
+    wait_for_upstream(outbound, "other.default", "a").await?;
+    std::fs::remove_file(mesh.join("other.yaml"))?;
+    eventually("other removed", || async {
+        let r = send(
+            outbound,
+            &Transport::H1,
+            &Request::get("other.default", "/"),
+        )
+        .await?;
+        Ok((r.status == 404).then_some(()))
+    })
+    .await?;
+    let (_, clusters) = admin_get(envoy.admin, "/clusters").await?;
+    eventually("Envoy dropped the other cluster", || async {
+        let (_, clusters) = admin_get(envoy.admin, "/clusters").await?;
+        Ok((!clusters.contains("other.default.svc")).then_some(()))
+    })
+    .await
+    .with_context(|| clusters)?;
 
     // A malformed manifest is reported and changes nothing.
     std::fs::write(

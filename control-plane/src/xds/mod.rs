@@ -3,8 +3,10 @@
 //! The task owns its [`stream::StreamState`] and a `watch` receiver of its group's snapshot;
 //! it wakes on a request or a new snapshot, and pushes what is due in ADS order (CDS, EDS,
 //! LDS, RDS). It ends cleanly when the proxy hangs up, the stream fails, or the server shuts
-//! down. Delta xDS is not implemented yet and answers `UNIMPLEMENTED`.
+//! down. State of the world ([`stream`]) and Delta ([`delta`]) share this task; only the
+//! per-type bookkeeping differs, behind [`Protocol`].
 
+pub mod delta;
 pub mod stream;
 
 use std::collections::BTreeMap;
@@ -24,7 +26,93 @@ use crate::identity::ProxyIdentity;
 use crate::metrics::Metrics;
 use crate::registry::{ProxyRegistry, ProxyStatus};
 use crate::snapshot::{ResourceType, Snapshot};
-use stream::{RequestOutcome, StreamState};
+use delta::DeltaState;
+use legate_proto::pb::envoy::config::core::v3::Node;
+use stream::{RequestOutcome, StreamState, TypeStatus};
+
+/// What differs between state-of-the-world and Delta streams.
+pub trait Protocol: Send + Sync + 'static {
+    type Request: Send + Sync + 'static;
+    type Response: Send + Sync + 'static;
+    /// `sotw` or `delta`, for logs.
+    const NAME: &'static str;
+    fn node(req: &Self::Request) -> Option<&Node>;
+    fn nonce(req: &Self::Request) -> &str;
+    /// The response's version and resource count, for logs.
+    fn describe(resp: &Self::Response) -> (&str, usize);
+    fn on_request(&mut self, req: &Self::Request) -> (Option<ResourceType>, RequestOutcome);
+    fn next_response(&mut self, t: ResourceType, snapshot: &Snapshot) -> Option<Self::Response>;
+    fn force(&mut self, t: ResourceType);
+    fn subscribed(&self, t: ResourceType) -> bool;
+    fn status(&self, t: ResourceType, snapshot: &Snapshot) -> TypeStatus;
+}
+
+impl Protocol for StreamState {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+    const NAME: &'static str = "sotw";
+    fn node(req: &DiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
+    }
+    fn nonce(req: &DiscoveryRequest) -> &str {
+        &req.response_nonce
+    }
+    fn describe(resp: &DiscoveryResponse) -> (&str, usize) {
+        (&resp.version_info, resp.resources.len())
+    }
+    fn on_request(&mut self, req: &DiscoveryRequest) -> (Option<ResourceType>, RequestOutcome) {
+        StreamState::on_request(self, req)
+    }
+    fn next_response(&mut self, t: ResourceType, snapshot: &Snapshot) -> Option<DiscoveryResponse> {
+        StreamState::next_response(self, t, snapshot)
+    }
+    fn force(&mut self, t: ResourceType) {
+        StreamState::force(self, t)
+    }
+    fn subscribed(&self, t: ResourceType) -> bool {
+        StreamState::subscribed(self, t)
+    }
+    fn status(&self, t: ResourceType, snapshot: &Snapshot) -> TypeStatus {
+        StreamState::status(self, t, snapshot)
+    }
+}
+
+impl Protocol for DeltaState {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+    const NAME: &'static str = "delta";
+    fn node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
+    }
+    fn nonce(req: &DeltaDiscoveryRequest) -> &str {
+        &req.response_nonce
+    }
+    fn describe(resp: &DeltaDiscoveryResponse) -> (&str, usize) {
+        (&resp.system_version_info, resp.resources.len())
+    }
+    fn on_request(
+        &mut self,
+        req: &DeltaDiscoveryRequest,
+    ) -> (Option<ResourceType>, RequestOutcome) {
+        DeltaState::on_request(self, req)
+    }
+    fn next_response(
+        &mut self,
+        t: ResourceType,
+        snapshot: &Snapshot,
+    ) -> Option<DeltaDiscoveryResponse> {
+        DeltaState::next_response(self, t, snapshot)
+    }
+    fn force(&mut self, t: ResourceType) {
+        DeltaState::force(self, t)
+    }
+    fn subscribed(&self, t: ResourceType) -> bool {
+        DeltaState::subscribed(self, t)
+    }
+    fn status(&self, t: ResourceType, snapshot: &Snapshot) -> TypeStatus {
+        DeltaState::status(self, t, snapshot)
+    }
+}
 
 /// The aggregated discovery service.
 pub struct AdsServer {
@@ -50,9 +138,24 @@ impl AdsServer {
             next_stream: AtomicU64::new(1),
         }
     }
-}
 
-type ResponseTx = mpsc::Sender<Result<DiscoveryResponse, Status>>;
+    fn spawn<P: Protocol + Default>(
+        &self,
+        inbound: Streaming<P::Request>,
+    ) -> ReceiverStream<Result<P::Response, Status>> {
+        let (tx, rx) = mpsc::channel(16);
+        let task = StreamTask::<P> {
+            id: self.next_stream.fetch_add(1, Ordering::Relaxed),
+            cache: self.cache.clone(),
+            registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
+            tx,
+        };
+        self.metrics.inc(&self.metrics.streams_total);
+        tokio::spawn(task.run(inbound, self.shutdown.clone()));
+        ReceiverStream::new(rx)
+    }
+}
 
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for AdsServer {
@@ -62,38 +165,29 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(16);
-        let task = StreamTask {
-            id: self.next_stream.fetch_add(1, Ordering::Relaxed),
-            cache: self.cache.clone(),
-            registry: self.registry.clone(),
-            metrics: self.metrics.clone(),
-            tx,
-        };
-        self.metrics.inc(&self.metrics.streams_total);
-        tokio::spawn(task.run(inbound, self.shutdown.clone()));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(
+            self.spawn::<StreamState>(request.into_inner()),
+        ))
     }
 
     type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
 
     async fn delta_aggregated_resources(
         &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Err(Status::unimplemented(
-            "legate-pilot serves state-of-the-world ADS only (ads_config.api_type: GRPC)",
+        Ok(Response::new(
+            self.spawn::<DeltaState>(request.into_inner()),
         ))
     }
 }
 
-struct StreamTask {
+struct StreamTask<P: Protocol> {
     id: u64,
     cache: Arc<SnapshotCache>,
     registry: Arc<ProxyRegistry>,
     metrics: Arc<Metrics>,
-    tx: ResponseTx,
+    tx: mpsc::Sender<Result<P::Response, Status>>,
 }
 
 /// Why a stream ended.
@@ -110,20 +204,16 @@ enum StreamEnd {
 }
 
 /// The per-stream context once the proxy is identified.
-struct Session {
+struct Session<P> {
     node_id: String,
     group: String,
     connected_at: u64,
-    state: StreamState,
+    state: P,
     snapshots: watch::Receiver<Arc<Snapshot>>,
 }
 
-impl StreamTask {
-    async fn run(
-        self,
-        mut inbound: Streaming<DiscoveryRequest>,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
+impl<P: Protocol + Default> StreamTask<P> {
+    async fn run(self, mut inbound: Streaming<P::Request>, mut shutdown: watch::Receiver<bool>) {
         let result = self.serve(&mut inbound, &mut shutdown).await;
         self.registry.remove(self.id);
         match result {
@@ -138,26 +228,26 @@ impl StreamTask {
 
     async fn serve(
         &self,
-        inbound: &mut Streaming<DiscoveryRequest>,
+        inbound: &mut Streaming<P::Request>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), StreamEnd> {
         let first = tokio::select! {
             msg = inbound.message() => msg.map_err(StreamEnd::Transport)?.ok_or(StreamEnd::Closed)?,
             _ = shutdown.changed() => return Err(StreamEnd::Shutdown),
         };
-        let identity = ProxyIdentity::from_node(first.node.as_ref())
+        let identity = ProxyIdentity::from_node(P::node(&first))
             .map_err(|e| StreamEnd::Refused(Status::invalid_argument(e.to_string())))?;
         let group = identity.group();
         let snapshots = self
             .cache
             .watch(&group)
             .map_err(|e| StreamEnd::Refused(Status::internal(e.to_string())))?;
-        tracing::info!(stream = self.id, node = %identity.id, group = %group, "proxy connected");
+        tracing::info!(stream = self.id, protocol = P::NAME, node = %identity.id, group = %group, "proxy connected");
         let mut session = Session {
             node_id: identity.id.clone(),
             group: group.to_string(),
             connected_at: ProxyRegistry::connected_at_now(),
-            state: StreamState::new(),
+            state: P::default(),
             snapshots,
         };
         self.handle_request(&mut session, &first).await?;
@@ -182,8 +272,8 @@ impl StreamTask {
 
     async fn handle_request(
         &self,
-        session: &mut Session,
-        req: &DiscoveryRequest,
+        session: &mut Session<P>,
+        req: &P::Request,
     ) -> Result<(), StreamEnd> {
         let (t, outcome) = session.state.on_request(req);
         match (&outcome, t) {
@@ -195,17 +285,27 @@ impl StreamTask {
                 if let Some(d) = push_ack {
                     self.metrics.observe_push_ack(*d);
                 }
-                tracing::debug!(stream = self.id, r#type = t.short_name(), version = %req.version_info, "ACK");
+                tracing::debug!(
+                    stream = self.id,
+                    r#type = t.short_name(),
+                    nonce = P::nonce(req),
+                    "ACK"
+                );
             }
             (RequestOutcome::Nack { detail, push_ack }, Some(t)) => {
                 self.metrics.inc_type(&self.metrics.nacks, t);
                 if let Some(d) = push_ack {
                     self.metrics.observe_push_ack(*d);
                 }
-                tracing::warn!(stream = self.id, node = %session.node_id, r#type = t.short_name(), kept_version = %req.version_info, error_detail = %detail, "NACK");
+                tracing::warn!(stream = self.id, node = %session.node_id, r#type = t.short_name(), nonce = P::nonce(req), error_detail = %detail, "NACK");
             }
             (RequestOutcome::Stale, Some(t)) => {
-                tracing::debug!(stream = self.id, r#type = t.short_name(), nonce = %req.response_nonce, "stale nonce ignored");
+                tracing::debug!(
+                    stream = self.id,
+                    r#type = t.short_name(),
+                    nonce = P::nonce(req),
+                    "stale nonce: not an ACK"
+                );
             }
             _ => {}
         }
@@ -222,7 +322,7 @@ impl StreamTask {
     /// even if unchanged) so that updated clusters finish warming.
     async fn push(
         &self,
-        session: &mut Session,
+        session: &mut Session<P>,
         snapshot: &Snapshot,
         types: &[ResourceType],
     ) -> Result<(), StreamEnd> {
@@ -233,7 +333,14 @@ impl StreamTask {
                 continue;
             }
             if let Some(response) = session.state.next_response(t, snapshot) {
-                tracing::debug!(stream = self.id, r#type = t.short_name(), version = %response.version_info, resources = response.resources.len(), "push");
+                let (version, resources) = P::describe(&response);
+                tracing::debug!(
+                    stream = self.id,
+                    r#type = t.short_name(),
+                    version,
+                    resources,
+                    "push"
+                );
                 self.metrics.inc_type(&self.metrics.pushes, t);
                 self.tx
                     .send(Ok(response))
@@ -249,7 +356,7 @@ impl StreamTask {
         Ok(())
     }
 
-    fn report(&self, session: &Session) {
+    fn report(&self, session: &Session<P>) {
         let snapshot = session.snapshots.borrow().clone();
         let types: BTreeMap<&'static str, _> = ResourceType::ORDER
             .into_iter()
