@@ -8,6 +8,7 @@
 
 mod api;
 mod common;
+mod cors;
 mod fault;
 mod header_mutation;
 mod local_ratelimit;

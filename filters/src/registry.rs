@@ -77,6 +77,7 @@ impl FilterRegistry {
         r.register(Arc::new(crate::header_mutation::HeaderMutationFactory));
         r.register(Arc::new(crate::local_ratelimit::LocalRateLimitFactory));
         r.register(Arc::new(crate::fault::FaultFactory));
+        r.register(Arc::new(crate::cors::CorsFactory));
         r
     }
 

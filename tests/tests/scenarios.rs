@@ -33,6 +33,7 @@ scenarios! {
     downstream_tls_alpn,
     downstream_tls_redirect,
     expect_continue,
+    filter_cors_policy,
     filter_fault_abort,
     filter_fault_delay,
     filter_header_mutation_request_response,

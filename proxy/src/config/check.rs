@@ -357,6 +357,22 @@ const SUPPORTED: &[(&str, &[&str])] = &[
         &["fixed_delay", "header_delay", "percentage"],
     ),
     ("envoy.extensions.filters.common.fault.v3.FaultDelay.HeaderDelay", &[]),
+    ("envoy.extensions.filters.http.cors.v3.Cors", &[]),
+    (
+        "envoy.extensions.filters.http.cors.v3.CorsPolicy",
+        &[
+            "allow_origin_string_match",
+            "allow_methods",
+            "allow_headers",
+            "expose_headers",
+            "max_age",
+            "allow_credentials",
+            "filter_enabled",
+            "shadow_enabled",
+            "allow_private_network_access",
+            "forward_not_matching_preflights",
+        ],
+    ),
 ];
 
 /// Fields accepted with a warning because they tune or observe without changing traffic.
