@@ -131,7 +131,7 @@ mod tests {
             role: Role::Sidecar,
             ip: std::net::IpAddr::from([127, 0, 0, 1]),
             namespace: "default".into(),
-            outbound_port: port,
+            listener_port: port,
         }
     }
 

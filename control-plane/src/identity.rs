@@ -18,6 +18,12 @@ pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
 /// The metadata key that overrides the outbound listener's port.
 pub const OUTBOUND_PORT_KEY: &str = "LEGATE_OUTBOUND_PORT";
 
+/// The default port of a gateway's HTTP listener.
+pub const DEFAULT_GATEWAY_HTTP_PORT: u16 = 8080;
+
+/// The metadata key that overrides the gateway's HTTP port.
+pub const GATEWAY_HTTP_PORT_KEY: &str = "LEGATE_GATEWAY_HTTP_PORT";
+
 /// Why a node could not be identified.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum IdentityError {
@@ -59,7 +65,8 @@ pub struct ProxyIdentity {
     pub namespace: String,
     pub domain: String,
     pub labels: BTreeMap<String, String>,
-    pub outbound_port: u16,
+    /// The sidecar's outbound port or the gateway's HTTP port.
+    pub listener_port: u16,
 }
 
 /// Proxies that get the same resources. Translation is a function of the group only, so one
@@ -69,7 +76,7 @@ pub struct ProxyGroup {
     pub role: Role,
     pub ip: IpAddr,
     pub namespace: String,
-    pub outbound_port: u16,
+    pub listener_port: u16,
 }
 
 impl fmt::Display for ProxyGroup {
@@ -80,7 +87,7 @@ impl fmt::Display for ProxyGroup {
             self.role.name(),
             self.ip,
             self.namespace,
-            self.outbound_port
+            self.listener_port
         )
     }
 }
@@ -121,10 +128,14 @@ impl ProxyIdentity {
             .strip_suffix(&format!(".{namespace}"))
             .unwrap_or(name_ns)
             .to_string();
-        let outbound_port = match metadata.and_then(|m| m.fields.get(OUTBOUND_PORT_KEY)) {
-            None => DEFAULT_OUTBOUND_PORT,
+        let (key, default_port) = match role {
+            Role::Sidecar => (OUTBOUND_PORT_KEY, DEFAULT_OUTBOUND_PORT),
+            Role::Router => (GATEWAY_HTTP_PORT_KEY, DEFAULT_GATEWAY_HTTP_PORT),
+        };
+        let listener_port = match metadata.and_then(|m| m.fields.get(key)) {
+            None => default_port,
             Some(v) => port_value(v.kind.as_ref()).ok_or_else(|| IdentityError::Metadata {
-                key: OUTBOUND_PORT_KEY,
+                key,
                 reason: "must be a port number (0-65535)".into(),
             })?,
         };
@@ -151,7 +162,7 @@ impl ProxyIdentity {
             namespace,
             domain,
             labels,
-            outbound_port,
+            listener_port,
         })
     }
 
@@ -160,7 +171,7 @@ impl ProxyIdentity {
             role: self.role,
             ip: self.ip,
             namespace: self.namespace.clone(),
-            outbound_port: self.outbound_port,
+            listener_port: self.listener_port,
         }
     }
 }
@@ -216,7 +227,7 @@ mod tests {
         assert_eq!(id.name, "app-7d9");
         assert_eq!(id.namespace, "default");
         assert_eq!(id.domain, "cluster.local");
-        assert_eq!(id.outbound_port, DEFAULT_OUTBOUND_PORT);
+        assert_eq!(id.listener_port, DEFAULT_OUTBOUND_PORT);
         Ok(())
     }
 
@@ -226,12 +237,12 @@ mod tests {
             "router~10.0.0.1~gw.istio-system~istio-system.svc.cluster.local",
             &[
                 ("NAMESPACE", Kind::StringValue("edge".into())),
-                (OUTBOUND_PORT_KEY, Kind::StringValue("0".into())),
+                (GATEWAY_HTTP_PORT_KEY, Kind::StringValue("0".into())),
             ],
         )))?;
         assert_eq!(id.role, Role::Router);
         assert_eq!(id.namespace, "edge");
-        assert_eq!(id.outbound_port, 0);
+        assert_eq!(id.listener_port, 0);
         Ok(())
     }
 

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod cache;
 pub mod debounce;
+pub mod gateway;
 pub mod identity;
 pub mod metrics;
 pub mod model;

@@ -31,6 +31,57 @@ pub enum Object {
     Service(Service),
     EndpointSlice(EndpointSlice),
     Namespace(String),
+    Ingress(Ingress),
+}
+
+/// An `Ingress` (networking.k8s.io/v1): host and path rules to service backends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ingress {
+    pub name: String,
+    pub namespace: String,
+    pub class: Option<String>,
+    pub default_backend: Option<IngressBackend>,
+    pub rules: Vec<IngressRule>,
+    /// Whether `spec.tls` is set (TLS termination over SDS is not implemented yet).
+    pub has_tls: bool,
+}
+
+/// One host of an Ingress; `host` is `None` for "every host".
+#[derive(Debug, Clone, PartialEq)]
+pub struct IngressRule {
+    pub host: Option<String>,
+    pub paths: Vec<IngressPath>,
+}
+
+/// How an Ingress path matches, per the Kubernetes API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PathType {
+    /// The exact path.
+    Exact,
+    /// Element-wise prefix: `/foo` matches `/foo` and `/foo/bar`, not `/foobar`.
+    Prefix,
+    /// Left to the implementation; Legate treats it as a plain string prefix.
+    ImplementationSpecific,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct IngressPath {
+    pub path: String,
+    pub path_type: PathType,
+    pub backend: IngressBackend,
+}
+
+/// A service backend: a service in the Ingress's namespace, by port number or name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IngressBackend {
+    pub service: String,
+    pub port: BackendPort,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum BackendPort {
+    Number(u16),
+    Name(String),
 }
 
 /// A `Service`: its name, cluster IP and ports.
@@ -90,6 +141,8 @@ pub struct Model {
     /// Keyed by (namespace, name).
     pub endpoint_slices: BTreeMap<(String, String), EndpointSlice>,
     pub namespaces: BTreeSet<String>,
+    /// Keyed by (namespace, name).
+    pub ingresses: BTreeMap<(String, String), Ingress>,
 }
 
 impl Model {
@@ -112,6 +165,11 @@ impl Model {
                 }
                 Object::Namespace(n) => {
                     model.namespaces.insert(n);
+                }
+                Object::Ingress(i) => {
+                    model
+                        .ingresses
+                        .insert((i.namespace.clone(), i.name.clone()), i);
                 }
             }
         }
@@ -206,6 +264,69 @@ struct Conditions {
 }
 
 #[derive(Deserialize)]
+struct IngressManifest {
+    metadata: Meta,
+    #[serde(default)]
+    spec: IngressSpec,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct IngressSpec {
+    #[serde(default)]
+    ingress_class_name: Option<String>,
+    #[serde(default)]
+    default_backend: Option<BackendSpec>,
+    #[serde(default)]
+    rules: Vec<RuleSpec>,
+    #[serde(default)]
+    tls: Option<Vec<serde_yaml::Value>>,
+}
+
+#[derive(Deserialize)]
+struct RuleSpec {
+    #[serde(default)]
+    host: Option<String>,
+    #[serde(default)]
+    http: Option<HttpRuleSpec>,
+}
+
+#[derive(Deserialize)]
+struct HttpRuleSpec {
+    #[serde(default)]
+    paths: Vec<PathSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PathSpec {
+    #[serde(default)]
+    path: Option<String>,
+    path_type: String,
+    backend: BackendSpec,
+}
+
+#[derive(Deserialize)]
+struct BackendSpec {
+    #[serde(default)]
+    service: Option<ServiceBackendSpec>,
+}
+
+#[derive(Deserialize)]
+struct ServiceBackendSpec {
+    name: String,
+    port: ServiceBackendPortSpec,
+}
+
+#[derive(Deserialize)]
+struct ServiceBackendPortSpec {
+    #[serde(default)]
+    number: Option<i64>,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+#[derive(Deserialize)]
 struct NamespaceManifest {
     metadata: Meta,
 }
@@ -257,7 +378,12 @@ pub fn parse_manifests(text: &str) -> Result<Vec<Object>, ManifestError> {
             name: name.clone(),
             reason,
         };
-        if name.is_empty() && matches!(kind.as_str(), "Service" | "EndpointSlice" | "Namespace") {
+        if name.is_empty()
+            && matches!(
+                kind.as_str(),
+                "Service" | "EndpointSlice" | "Namespace" | "Ingress"
+            )
+        {
             return Err(object_error("metadata.name is required".into()));
         }
         let object = match kind.as_str() {
@@ -270,6 +396,11 @@ pub fn parse_manifests(text: &str) -> Result<Vec<Object>, ManifestError> {
                 let m: SliceManifest =
                     serde_yaml::from_value(value).map_err(|e| object_error(e.to_string()))?;
                 Object::EndpointSlice(slice(m).map_err(object_error)?)
+            }
+            "Ingress" => {
+                let m: IngressManifest =
+                    serde_yaml::from_value(value).map_err(|e| object_error(e.to_string()))?;
+                Object::Ingress(ingress(m).map_err(object_error)?)
             }
             "Namespace" => {
                 let m: NamespaceManifest =
@@ -310,6 +441,69 @@ fn service(m: ServiceManifest) -> Result<Service, String> {
         name: m.metadata.name,
         cluster_ip,
         ports,
+    })
+}
+
+fn backend(b: BackendSpec, at: &str) -> Result<IngressBackend, String> {
+    let s = b
+        .service
+        .ok_or_else(|| format!("{at}.service is required (resource backends are not supported)"))?;
+    let port = match (s.port.number, s.port.name) {
+        (Some(n), None) => BackendPort::Number(port(n, &format!("{at}.service.port.number"))?),
+        (None, Some(name)) if !name.is_empty() => BackendPort::Name(name),
+        _ => return Err(format!("{at}.service.port: exactly one of number or name")),
+    };
+    Ok(IngressBackend {
+        service: s.name,
+        port,
+    })
+}
+
+fn ingress(m: IngressManifest) -> Result<Ingress, String> {
+    let default_backend = m
+        .spec
+        .default_backend
+        .map(|b| backend(b, "spec.defaultBackend"))
+        .transpose()?;
+    let mut rules = Vec::new();
+    for (i, rule) in m.spec.rules.into_iter().enumerate() {
+        let mut paths = Vec::new();
+        for (j, p) in rule
+            .http
+            .map(|h| h.paths)
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+        {
+            let at = format!("spec.rules[{i}].http.paths[{j}]");
+            let path_type = match p.path_type.as_str() {
+                "Exact" => PathType::Exact,
+                "Prefix" => PathType::Prefix,
+                "ImplementationSpecific" => PathType::ImplementationSpecific,
+                other => return Err(format!("{at}.pathType: unknown {other:?}")),
+            };
+            let path = p.path.unwrap_or_else(|| "/".into());
+            if !path.starts_with('/') {
+                return Err(format!("{at}.path: must start with /"));
+            }
+            paths.push(IngressPath {
+                path,
+                path_type,
+                backend: backend(p.backend, &format!("{at}.backend"))?,
+            });
+        }
+        rules.push(IngressRule {
+            host: rule.host.filter(|h| !h.is_empty()),
+            paths,
+        });
+    }
+    Ok(Ingress {
+        namespace: namespace_of(&m.metadata),
+        name: m.metadata.name,
+        class: m.spec.ingress_class_name,
+        default_backend,
+        rules,
+        has_tls: m.spec.tls.is_some_and(|t| !t.is_empty()),
     })
 }
 

@@ -272,7 +272,7 @@ mod tests {
             role: Role::Sidecar,
             ip: std::net::IpAddr::from([127, 0, 0, 1]),
             namespace: "default".into(),
-            outbound_port: 15001,
+            listener_port: 15001,
         };
         Ok(translate(&model, &group, &TranslateOptions::default()))
     }

@@ -13,8 +13,8 @@
 //!   port (80 if it has one, else its first). Per-port listeners and routes ("80") come with
 //!   capture.
 //!
-//! The router (gateway) role gets the clusters and endpoints; its listeners come with
-//! `Ingress` support.
+//! The router (gateway) role gets the same clusters and endpoints, and an HTTP listener
+//! routed by the cluster's `Ingress` resources (see [`crate::gateway`]).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -39,7 +39,7 @@ use legate_proto::pb::envoy::config::route::v3::{
 };
 use legate_proto::pb::envoy::extensions::filters::http::router::v3::Router;
 use legate_proto::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    http_connection_manager::{CodecType, RouteSpecifier},
+    http_connection_manager::{CodecType, RouteSpecifier, StripPortMode},
     http_filter, HttpConnectionManager, HttpFilter, Rds,
 };
 use legate_proto::pb::envoy::extensions::upstreams::http::v3::{
@@ -149,21 +149,28 @@ pub fn translate(model: &Model, group: &ProxyGroup, options: &TranslateOptions) 
                 .push(load_assignment(&name, model, service, port));
         }
     }
-    if group.role == Role::Sidecar {
-        let route_name = group.outbound_port.to_string();
-        resources.listeners.push(outbound_listener(
-            group.ip,
-            group.outbound_port,
-            &route_name,
-        ));
-        resources
-            .routes
-            .push(outbound_routes(&route_name, model, group, options));
+    match group.role {
+        Role::Sidecar => {
+            let route_name = group.listener_port.to_string();
+            resources.listeners.push(outbound_listener(
+                group.ip,
+                group.listener_port,
+                &route_name,
+            ));
+            resources
+                .routes
+                .push(outbound_routes(&route_name, model, group, options));
+        }
+        Role::Router => {
+            let (listener, routes) = crate::gateway::translate(model, group, options);
+            resources.listeners.push(listener);
+            resources.routes.push(routes);
+        }
     }
     resources
 }
 
-fn ads() -> ConfigSource {
+pub(crate) fn ads() -> ConfigSource {
     ConfigSource {
         resource_api_version: ApiVersion::V3 as i32,
         config_source_specifier: Some(ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
@@ -270,9 +277,31 @@ fn load_assignment(
 }
 
 fn outbound_listener(ip: IpAddr, port: u16, route_name: &str) -> Listener {
+    let mut listener = http_listener(
+        OUTBOUND_LISTENER,
+        ip,
+        port,
+        route_name,
+        &format!("outbound_{ip}_{port}"),
+        None,
+    );
+    listener.traffic_direction = TrafficDirection::Outbound as i32;
+    listener
+}
+
+/// A listener with one HTTP connection manager whose routes come from RDS over ADS.
+pub(crate) fn http_listener(
+    name: &str,
+    ip: IpAddr,
+    port: u16,
+    route_name: &str,
+    stat_prefix: &str,
+    strip_port_mode: Option<StripPortMode>,
+) -> Listener {
     let hcm = HttpConnectionManager {
-        stat_prefix: format!("outbound_{ip}_{port}"),
+        stat_prefix: stat_prefix.to_string(),
         codec_type: CodecType::Auto as i32,
+        strip_port_mode,
         route_specifier: Some(RouteSpecifier::Rds(Rds {
             config_source: Some(ads()),
             route_config_name: route_name.to_string(),
@@ -287,9 +316,8 @@ fn outbound_listener(ip: IpAddr, port: u16, route_name: &str) -> Listener {
         ..Default::default()
     };
     Listener {
-        name: OUTBOUND_LISTENER.into(),
+        name: name.to_string(),
         address: Some(socket_address(&ip.to_string(), port)),
-        traffic_direction: TrafficDirection::Outbound as i32,
         filter_chains: vec![FilterChain {
             filters: vec![Filter {
                 name: "envoy.filters.network.http_connection_manager".into(),
@@ -427,7 +455,7 @@ endpoints:
             role: Role::Sidecar,
             ip: IpAddr::from([127, 0, 0, 1]),
             namespace: "default".into(),
-            outbound_port: 15001,
+            listener_port: 15001,
         }
     }
 
@@ -584,14 +612,17 @@ endpoints:
     }
 
     #[test]
-    fn routers_get_no_sidecar_listener() -> Result<(), crate::model::ManifestError> {
+    fn routers_get_the_gateway_listener() -> Result<(), crate::model::ManifestError> {
         let model = Model::build(parse_manifests(MESH)?);
         let group = ProxyGroup {
             role: Role::Router,
+            listener_port: 8080,
             ..sidecar()
         };
         let r = translate(&model, &group, &TranslateOptions::default());
-        assert!(r.listeners.is_empty() && r.routes.is_empty());
+        let names: Vec<&str> = r.listeners.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["127.0.0.1_8080"]);
+        assert_eq!(r.routes[0].name, "http.8080");
         assert_eq!(r.clusters.len(), 4);
         Ok(())
     }

@@ -188,12 +188,18 @@ fn write_manifest(path: &Path, text: &str) -> Result<()> {
 
 /// `api_type` is `GRPC` (state of the world) or `DELTA_GRPC`.
 fn bootstrap(xds: SocketAddr, api_type: &str) -> String {
+    bootstrap_for(xds, api_type, NODE_ID, "LEGATE_OUTBOUND_PORT")
+}
+
+/// A bootstrap for node `id` whose main listener's port (named by `port_key` in the node's
+/// metadata) is ephemeral.
+fn bootstrap_for(xds: SocketAddr, api_type: &str, id: &str, port_key: &str) -> String {
     format!(
         r#"
 node:
-  id: {NODE_ID}
+  id: {id}
   cluster: app.default
-  metadata: {{LEGATE_OUTBOUND_PORT: "0"}}
+  metadata: {{{port_key}: "0"}}
 admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}}}
 dynamic_resources:
   ads_config:
@@ -379,5 +385,103 @@ async fn envoy_follows_the_pilot(api_type: &str) -> Result<()> {
         assert_eq!(pilot.metric(&sample).await?, 0.0, "{sample}");
     }
     drop(envoy);
+    Ok(())
+}
+
+const GATEWAY_ID: &str = "router~127.0.0.1~gateway.default~default.svc.cluster.local";
+
+fn ingress(default_backend: bool) -> String {
+    let default = if default_backend {
+        "  defaultBackend: {service: {name: echo, port: {number: 80}}}\n"
+    } else {
+        ""
+    };
+    format!(
+        r#"apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {{name: shop, namespace: default}}
+spec:
+{default}  rules:
+  - host: shop.example.com
+    http:
+      paths:
+      - path: /api
+        pathType: Prefix
+        backend: {{service: {{name: echo, port: {{name: http}}}}}}
+"#
+    )
+}
+
+async fn status_of(proxy: SocketAddr, host: &str, path: &str) -> Result<u16> {
+    Ok(send(proxy, &Transport::H1, &Request::get(host, path))
+        .await?
+        .status)
+}
+
+/// A gateway Envoy (`router` role) serves the Ingress rules, and follows their edits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_envoy_serves_ingress_rules() -> Result<()> {
+    let dir = TempDir::new("pilot-gw")?;
+    let mesh = dir.path().join("mesh");
+    std::fs::create_dir_all(&mesh)?;
+    let a = Upstream::plain("a").await?;
+    write_manifest(&mesh.join("echo.yaml"), &manifests(a.addr.port()))?;
+    let ingress_yaml = mesh.join("ingress.yaml");
+    write_manifest(&ingress_yaml, &ingress(false))?;
+
+    let pilot = Pilot::start(dir.path(), &mesh).await?;
+    let bootstrap_path = dir.path().join("gateway.yaml");
+    std::fs::write(
+        &bootstrap_path,
+        bootstrap_for(pilot.xds, "GRPC", GATEWAY_ID, "LEGATE_GATEWAY_HTTP_PORT"),
+    )?;
+    let envoy = Proxy::start(ProxyKind::Envoy, &bootstrap_path, dir.path())
+        .await
+        .with_context(|| pilot.guard.output())?;
+    let http = eventually("the gateway's HTTP listener", || async {
+        let (_, body) = admin_get(envoy.admin, "/listeners?format=json").await?;
+        Ok(parse_listeners(&body)?.get("127.0.0.1_0").copied())
+    })
+    .await?;
+
+    eventually("/api/items routed to the echo service", || async {
+        let r = send(
+            http,
+            &Transport::H1,
+            &Request::get("shop.example.com:8080", "/api/items"),
+        )
+        .await?;
+        Ok((r.status == 200).then_some(r))
+    })
+    .await?;
+    assert_eq!(status_of(http, "shop.example.com", "/api").await?, 200);
+    assert_eq!(
+        status_of(http, "shop.example.com", "/").await?,
+        404,
+        "no rule for /"
+    );
+    assert_eq!(
+        status_of(http, "shop.example.com", "/apix").await?,
+        404,
+        "Prefix matches whole segments"
+    );
+    assert_eq!(
+        status_of(http, "other.example.com", "/api").await?,
+        404,
+        "unknown host"
+    );
+
+    // Adding a default backend serves every other request.
+    write_manifest(&ingress_yaml, &ingress(true))?;
+    eventually("the default backend serves unknown hosts", || async {
+        Ok(answered_by(http, "other.example.com")
+            .await?
+            .filter(|u| u == "a"))
+    })
+    .await?;
+    assert_eq!(
+        answered_by(http, "shop.example.com").await?.as_deref(),
+        Some("a")
+    );
     Ok(())
 }
