@@ -287,6 +287,115 @@ impl StringMatch {
     }
 }
 
+/// A compiled `envoy.config.route.v3.HeaderMatcher`, matched as Envoy's
+/// `HeaderUtility::matchHeaders`: several values of a header are joined with `,`; a missing
+/// header matches only `present_match: false` (or, inverted, anything but a presence check)
+/// unless `treat_missing_header_as_empty`.
+#[derive(Debug, Clone)]
+pub(crate) struct HeaderMatch {
+    name: String,
+    kind: HeaderMatchKind,
+    invert: bool,
+    missing_as_empty: bool,
+}
+
+#[derive(Debug, Clone)]
+enum HeaderMatchKind {
+    Present(bool),
+    Value(StringMatch),
+}
+
+impl HeaderMatch {
+    // Envoy still accepts the deprecated specifiers (`exact_match`, ...).
+    #[allow(deprecated)]
+    pub(crate) fn new(
+        m: &legate_proto::pb::envoy::config::route::v3::HeaderMatcher,
+        path: &str,
+    ) -> Result<Self, FilterError> {
+        use legate_proto::pb::envoy::config::route::v3::header_matcher::HeaderMatchSpecifier as S;
+        let name = m.name.to_ascii_lowercase();
+        if name.starts_with(':') && ![":path", ":method", ":authority"].contains(&name.as_str()) {
+            return Err(invalid(
+                format!("{path}.name"),
+                format!("{name}: only :path, :method and :authority can be matched"),
+            ));
+        }
+        let lit = |s: &str, f: fn(String, bool) -> StringMatch| f(s.to_owned(), false);
+        let kind = match &m.header_match_specifier {
+            Some(S::ExactMatch(v)) => HeaderMatchKind::Value(lit(v, StringMatch::Exact)),
+            Some(S::PrefixMatch(v)) => HeaderMatchKind::Value(lit(v, StringMatch::Prefix)),
+            Some(S::SuffixMatch(v)) => HeaderMatchKind::Value(lit(v, StringMatch::Suffix)),
+            Some(S::ContainsMatch(v)) => HeaderMatchKind::Value(lit(v, StringMatch::Contains)),
+            Some(S::SafeRegexMatch(r)) => HeaderMatchKind::Value(StringMatch::new(
+                &matcherpb::StringMatcher {
+                    ignore_case: false,
+                    match_pattern: Some(matcherpb::string_matcher::MatchPattern::SafeRegex(
+                        r.clone(),
+                    )),
+                },
+                &format!("{path}.safe_regex_match"),
+            )?),
+            Some(S::StringMatch(sm)) => {
+                HeaderMatchKind::Value(StringMatch::new(sm, &format!("{path}.string_match"))?)
+            }
+            Some(S::PresentMatch(p)) => HeaderMatchKind::Present(*p),
+            Some(S::RangeMatch(_)) => {
+                return Err(invalid(format!("{path}.range_match"), "not supported"))
+            }
+            // Envoy: no specifier means "present".
+            None => HeaderMatchKind::Present(true),
+        };
+        Ok(HeaderMatch {
+            name,
+            kind,
+            invert: m.invert_match,
+            missing_as_empty: m.treat_missing_header_as_empty,
+        })
+    }
+
+    pub(crate) fn matches(&self, req: &http::request::Parts) -> bool {
+        let value: Option<std::borrow::Cow<'_, str>> = match self.name.as_str() {
+            ":path" => req.uri.path_and_query().map(|p| p.as_str().into()),
+            ":method" => Some(req.method.as_str().into()),
+            ":authority" => req
+                .uri
+                .authority()
+                .map(|a| a.as_str().into())
+                .or_else(|| header_str(&req.headers, "host").map(Into::into)),
+            name => header_str(&req.headers, name).map(Into::into),
+        };
+        let value = match value {
+            Some(v) => v,
+            None if self.missing_as_empty => "".into(),
+            None => {
+                let presence = matches!(self.kind, HeaderMatchKind::Present(_));
+                return if self.invert {
+                    !presence
+                } else {
+                    matches!(self.kind, HeaderMatchKind::Present(false))
+                };
+            }
+        };
+        let hit = match &self.kind {
+            HeaderMatchKind::Present(p) => *p,
+            HeaderMatchKind::Value(m) => m.matches(&value),
+        };
+        hit != self.invert
+    }
+}
+
+/// All values of a header joined with `,`, as Envoy reads a header for matching.
+fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?;
+    let mut out = String::from_utf8_lossy(first.as_bytes()).into_owned();
+    for v in values {
+        out.push(',');
+        out.push_str(&String::from_utf8_lossy(v.as_bytes()));
+    }
+    Some(out)
+}
+
 /// Field lists shared by several filters' tables.
 pub(crate) const HEADER_VALUE_OPTION: (&str, &[&str]) = (
     "envoy.config.core.v3.HeaderValueOption",
@@ -311,6 +420,21 @@ pub(crate) const REGEX_MATCHER: (&str, &[&str]) = (
 );
 pub(crate) const GOOGLE_RE2: (&str, &[&str]) =
     ("envoy.type.matcher.v3.RegexMatcher.GoogleRE2", &[]);
+pub(crate) const HEADER_MATCHER: (&str, &[&str]) = (
+    "envoy.config.route.v3.HeaderMatcher",
+    &[
+        "name",
+        "exact_match",
+        "safe_regex_match",
+        "present_match",
+        "prefix_match",
+        "suffix_match",
+        "contains_match",
+        "string_match",
+        "invert_match",
+        "treat_missing_header_as_empty",
+    ],
+);
 pub(crate) const FRACTIONAL_PERCENT: (&str, &[&str]) = (
     "envoy.type.v3.FractionalPercent",
     &["numerator", "denominator"],

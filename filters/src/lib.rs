@@ -11,6 +11,7 @@ mod common;
 mod cors;
 mod fault;
 mod header_mutation;
+mod health_check;
 mod local_ratelimit;
 mod registry;
 mod router;

@@ -78,6 +78,7 @@ impl FilterRegistry {
         r.register(Arc::new(crate::local_ratelimit::LocalRateLimitFactory));
         r.register(Arc::new(crate::fault::FaultFactory));
         r.register(Arc::new(crate::cors::CorsFactory));
+        r.register(Arc::new(crate::health_check::HealthCheckFactory));
         r
     }
 

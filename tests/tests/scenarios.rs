@@ -37,6 +37,7 @@ scenarios! {
     filter_fault_abort,
     filter_fault_delay,
     filter_header_mutation_request_response,
+    filter_health_check_modes,
     filter_local_ratelimit_token_bucket,
     grpc_no_route,
     grpc_streaming,

@@ -359,6 +359,10 @@ const SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.extensions.filters.common.fault.v3.FaultDelay.HeaderDelay", &[]),
     ("envoy.extensions.filters.http.cors.v3.Cors", &[]),
     (
+        "envoy.extensions.filters.http.health_check.v3.HealthCheck",
+        &["pass_through_mode", "headers"],
+    ),
+    (
         "envoy.extensions.filters.http.cors.v3.CorsPolicy",
         &[
             "allow_origin_string_match",
