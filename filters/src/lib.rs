@@ -13,6 +13,7 @@ mod fault;
 mod header_mutation;
 mod health_check;
 mod local_ratelimit;
+mod rbac;
 mod registry;
 mod router;
 

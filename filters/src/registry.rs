@@ -79,6 +79,7 @@ impl FilterRegistry {
         r.register(Arc::new(crate::fault::FaultFactory));
         r.register(Arc::new(crate::cors::CorsFactory));
         r.register(Arc::new(crate::health_check::HealthCheckFactory));
+        r.register(Arc::new(crate::rbac::RbacFactory));
         r
     }
 
