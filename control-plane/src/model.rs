@@ -602,6 +602,16 @@ metadata: {name: ignored}
     }
 
     #[test]
+    fn rejects_bad_ingress_paths() {
+        let bad = "kind: Ingress\nmetadata: {name: i}\nspec:\n  rules:\n  - http:\n      paths:\n      - {path: /a, pathType: Regex, backend: {service: {name: s, port: {number: 80}}}}\n";
+        let err = parse_manifests(bad).err().map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("document 0 (Ingress i): spec.rules[0].http.paths[0].pathType: unknown \"Regex\"")
+        );
+    }
+
+    #[test]
     fn rejects_yaml_syntax_errors() {
         assert!(parse_manifests("kind: Service\nmetadata: {name: [\n").is_err());
     }

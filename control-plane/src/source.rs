@@ -193,6 +193,34 @@ mod tests {
     }
 
     #[test]
+    fn the_example_mesh_translates_consistently() -> Result<(), Box<dyn std::error::Error>> {
+        use crate::identity::{ProxyGroup, Role};
+        use crate::snapshot::{ResourceType, Snapshot};
+        use crate::translate::{translate, TranslateOptions};
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/mesh");
+        let mut source = FileSource::new(&dir);
+        source.scan(&Metrics::default())?;
+        assert!(source.errors().is_empty(), "{:?}", source.errors());
+        let model = source.model();
+        assert_eq!((model.services.len(), model.ingresses.len()), (1, 1));
+        for role in [Role::Sidecar, Role::Router] {
+            let group = ProxyGroup {
+                role,
+                ip: std::net::IpAddr::from([127, 0, 0, 1]),
+                namespace: "default".into(),
+                listener_port: 15001,
+            };
+            let snapshot = Snapshot::build(
+                &translate(&model, &group, &TranslateOptions::default()),
+                None,
+                1,
+            )?;
+            assert_eq!(snapshot.get(ResourceType::Listener).resources.len(), 1);
+        }
+        Ok(())
+    }
+
+    #[test]
     fn a_bad_edit_keeps_the_previous_objects() -> Result<(), Box<dyn std::error::Error>> {
         let dir = temp_dir("bad-edit")?;
         let file = dir.join("svc.yaml");
