@@ -485,3 +485,159 @@ async fn gateway_envoy_serves_ingress_rules() -> Result<()> {
     );
     Ok(())
 }
+
+mod scripted {
+    //! A scripted ADS client: what Envoy does not do on demand (NACK, a bad identity).
+
+    use super::*;
+    use legate_proto::pb::envoy::config::cluster::v3::Cluster;
+    use legate_proto::pb::envoy::config::core::v3::Node;
+    use legate_proto::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    use legate_proto::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+    use legate_proto::pb::google::rpc::Status;
+    use prost::Message;
+    use tokio::sync::mpsc;
+    use tokio_stream::wrappers::ReceiverStream;
+    use tonic::Streaming;
+
+    const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+
+    async fn next(responses: &mut Streaming<DiscoveryResponse>) -> Result<DiscoveryResponse> {
+        tokio::time::timeout(DEADLINE, responses.message())
+            .await
+            .context("no response before the deadline")??
+            .context("stream closed")
+    }
+
+    fn cluster_names(r: &DiscoveryResponse) -> Result<Vec<String>> {
+        r.resources
+            .iter()
+            .map(|a| Ok(Cluster::decode(a.value.as_slice())?.name))
+            .collect()
+    }
+
+    async fn open(
+        pilot: &Pilot,
+        first: DiscoveryRequest,
+    ) -> Result<(mpsc::Sender<DiscoveryRequest>, Streaming<DiscoveryResponse>)> {
+        let mut client =
+            AggregatedDiscoveryServiceClient::connect(format!("http://{}", pilot.xds)).await?;
+        let (tx, rx) = mpsc::channel(8);
+        tx.send(first).await?;
+        let responses = client
+            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok((tx, responses))
+    }
+
+    /// A NACK is counted and shown with its detail; the pilot keeps serving, and the next
+    /// change is pushed and ACKed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nacks_are_tracked_and_the_next_change_is_pushed() -> Result<()> {
+        let dir = TempDir::new("pilot-nack")?;
+        let mesh = dir.path().join("mesh");
+        std::fs::create_dir_all(&mesh)?;
+        let echo_yaml = mesh.join("echo.yaml");
+        write_manifest(&echo_yaml, &manifests(9))?;
+        let pilot = Pilot::start(dir.path(), &mesh).await?;
+
+        let node = Node {
+            id: NODE_ID.into(),
+            ..Default::default()
+        };
+        let (tx, mut responses) = open(
+            &pilot,
+            DiscoveryRequest {
+                node: Some(node),
+                type_url: CDS.into(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        let first = next(&mut responses).await?;
+        assert_eq!(
+            cluster_names(&first)?,
+            ["outbound|80||echo.default.svc.cluster.local"]
+        );
+        tx.send(DiscoveryRequest {
+            type_url: CDS.into(),
+            response_nonce: first.nonce.clone(),
+            error_detail: Some(Status {
+                code: 13,
+                message: "scripted rejection of outbound|80||echo".into(),
+                details: vec![],
+            }),
+            ..Default::default()
+        })
+        .await?;
+        eventually("the NACK counted", || async {
+            Ok((pilot.metric("pilot_xds_nacks_total{type=\"cds\"}").await? == 1.0).then_some(()))
+        })
+        .await?;
+        let syncz: serde_json::Value = serde_json::from_str(&pilot.get("/debug/syncz").await?)?;
+        let cds = &syncz[0]["types"]["cds"];
+        assert_eq!(
+            cds["nack"], "scripted rejection of outbound|80||echo",
+            "{syncz}"
+        );
+        assert_eq!(cds["in_sync"], false, "{syncz}");
+
+        // A new port changes CDS: pushed despite the earlier NACK, then ACKed.
+        write_manifest(
+            &echo_yaml,
+            &manifests(9).replace(
+                "  - {name: http, port: 80",
+                "  - {name: grpc, port: 90}\n  - {name: http, port: 80",
+            ),
+        )?;
+        let second = next(&mut responses).await?;
+        assert_ne!(second.version_info, first.version_info);
+        assert_eq!(cluster_names(&second)?.len(), 2);
+        tx.send(DiscoveryRequest {
+            type_url: CDS.into(),
+            version_info: second.version_info.clone(),
+            response_nonce: second.nonce.clone(),
+            ..Default::default()
+        })
+        .await?;
+        eventually("in sync after the ACK", || async {
+            let syncz: serde_json::Value = serde_json::from_str(&pilot.get("/debug/syncz").await?)?;
+            Ok((syncz[0]["in_sync"] == true).then_some(()))
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// A node.id that is not `TYPE~IP~NAME.NS~NS.svc.DOMAIN` is refused with INVALID_ARGUMENT.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_bad_identity_is_refused() -> Result<()> {
+        let dir = TempDir::new("pilot-id")?;
+        let mesh = dir.path().join("mesh");
+        std::fs::create_dir_all(&mesh)?;
+        let pilot = Pilot::start(dir.path(), &mesh).await?;
+        let (_tx, mut responses) = open(
+            &pilot,
+            DiscoveryRequest {
+                node: Some(Node {
+                    id: "just-a-name".into(),
+                    ..Default::default()
+                }),
+                type_url: CDS.into(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        let status = match tokio::time::timeout(DEADLINE, responses.message()).await? {
+            Err(status) => status,
+            Ok(other) => bail!("expected an error, got {other:?}"),
+        };
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status.message().contains("just-a-name"),
+            "{}",
+            status.message()
+        );
+        Ok(())
+    }
+}
