@@ -401,30 +401,31 @@ def render(doc):
         f"Load: HTTP/1.1 keep-alive `wrk -t1 -c{a['h1_connections']} -d{a['seconds']}s --latency`; "
         f"HTTP/2 cleartext prior knowledge `h2load -t1 -c{a['h2_connections']} -m{a['h2_streams']} -D {a['seconds']}`.",
         "",
-        "| proxy | protocol | req/s | p50 ms | p99 ms | CPU µs/request | proxy CPU % | RSS idle MB | RSS after MB | errors (all rounds) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| proxy | protocol | req/s | p50 ms | p99 ms | CPU µs/request | proxy CPU % | RSS idle MB | RSS after MB | errors (all rounds) | rounds used |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     d = s.get("nginx-direct/http1")
     if d:
         lines.append(f"| nginx direct | http1 | {d['rps']:.0f} | {fmt(d['p50_ms'], 3)} | {fmt(d['p99_ms'], 3)} "
-                     f"| - | - | - | - | {d['errors']:.0f} |")
+                     f"| - | - | - | - | {d['errors']:.0f} | {d['rounds_used']}/{d['rounds']} |")
     for proto in PROTOCOLS:
         for kind in doc["order"]:
             r = s[f"{kind}/{proto}"]
             lines.append(f"| {kind} | {proto} | {r['rps']:.0f} | {fmt(r['p50_ms'], 3)} | {fmt(r['p99_ms'], 3)} "
                          f"| {fmt(r['cpu_us_per_req'])} | {fmt(r['cpu_pct'], 0)} | {fmt(r['rss_idle_mb'])} "
-                         f"| {fmt(r['rss_after_mb'])} | {r['errors']:.0f} |")
+                         f"| {fmt(r['rss_after_mb'])} | {r['errors']:.0f} | {r['rounds_used']}/{r['rounds']} |")
         if "legate" in doc["order"] and "envoy" in doc["order"]:
             l, e = s[f"legate/{proto}"], s[f"envoy/{proto}"]
             cells = [fmt(ratio(l[k], e[k]), 2) for k in
                      ("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "cpu_pct", "rss_idle_mb", "rss_after_mb")]
             lines.append(f"| **Legate/Envoy** | {proto} | " + " | ".join(cells[:3]) +
-                         f" | **{cells[3]}** | " + " | ".join(cells[4:]) + " | |")
+                         f" | **{cells[3]}** | " + " | ".join(cells[4:]) + " | | |")
     noisy = [v.get("others_on_proxy_cpu_pct") or 0 for v in s.values()]
-    if noisy and max(noisy) > 5:
-        lines += ["", f"**Warning:** other processes used up to {max(noisy):.0f}% of the proxy's CPU during "
-                  "the load runs (median per row, `others_on_proxy_cpu_pct` in latest.json): absolute numbers "
-                  "are disturbed; compare the ratios, and rerun on a quiet machine for absolute values."]
+    if noisy and max(noisy) > a["max_noise"]:
+        lines += ["", f"**Warning:** no round was undisturbed: other processes used up to {max(noisy):.0f}% "
+                  "of the proxy's CPU during the load runs (median per row; `others_on_proxy_cpu_pct` in "
+                  "latest.json). These numbers are disturbed, CPU per request included (cache "
+                  "pollution); rerun on a quiet machine."]
     lines += [
         "",
         "- req/s, p50, p99: from the load generator. HTTP/1.1 percentiles are wrk's `--latency`; "
@@ -439,6 +440,9 @@ def render(doc):
         "- RSS idle: VmRSS once the listener accepts and RSS has settled, before any request; RSS after: VmRSS right "
         "after that protocol's load (HTTP/1.1 runs first, then HTTP/2, in the same process).",
         "- Ratio rows: Legate's median divided by Envoy's (below 1 = Legate lower).",
+        f"- rounds used: rounds in which, for every proxy, other processes took at most {a['max_noise']:.0f}% of "
+        "the proxy's CPU during the loads (from /proc/stat); the medians use only those rounds when there "
+        "are any, else all rounds. The same rounds for every row.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -450,6 +454,9 @@ def main():
     ap.add_argument("--seconds", type=int, help="seconds per load run (default 10, --quick 5)")
     ap.add_argument("--only", choices=["legate", "envoy"], help="benchmark one proxy only")
     ap.add_argument("--no-pin", action="store_true", help="do not pin the proxy and the load to separate CPUs")
+    ap.add_argument("--max-noise", type=float, default=10.0,
+                    help="a round counts as undisturbed when other processes used at most this %% of the "
+                         "proxy's CPU; medians use undisturbed rounds when there are any (default 10)")
     ap.add_argument("--h1-connections", type=int, default=50)
     ap.add_argument("--h2-connections", type=int, default=10)
     ap.add_argument("--h2-streams", type=int, default=10)
@@ -479,7 +486,7 @@ def main():
 
     doc = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
            "versions": versions(proxies), "binaries": proxies, "order": list(proxies),
-           "params": {"rounds": args.rounds, "seconds": args.seconds, "h1_connections": args.h1_connections,
+           "params": {"rounds": args.rounds, "seconds": args.seconds, "max_noise": args.max_noise, "h1_connections": args.h1_connections,
                       "h2_connections": args.h2_connections, "h2_streams": args.h2_streams,
                       "proxy_cpus": ",".join(map(str, sorted(proxy_cpus))) if proxy_cpus else None,
                       "load_cpus": ",".join(map(str, sorted(load_cpus))) if load_cpus else None}}
@@ -502,15 +509,27 @@ def main():
 
     doc["elapsed_s"] = round(time.monotonic() - started, 1)
     doc["machine"]["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
+    # A round is undisturbed when, in every proxy's load runs, other processes used at most
+    # --max-noise % of the proxy's CPU (contention changes CPU per request too: cache). The medians
+    # use the undisturbed rounds when there is at least one, else all rounds; the same rounds for
+    # every row, so that the ratios compare runs made side by side.
+    def undisturbed(i):
+        return all((runs[i][proto].get("others_on_proxy_cpu_pct") or 0) <= args.max_noise
+                   for kind, runs in raw.items() if kind != "nginx-direct" for proto in PROTOCOLS)
+    used = [i for i in range(args.rounds) if undisturbed(i)] or list(range(args.rounds))
+    doc["rounds_used"] = [i + 1 for i in used]
     summary = {}
     for kind, runs in raw.items():
         for proto in PROTOCOLS:
             rows = [r[proto] for r in runs if proto in r]
-            if rows:
-                summary[f"{kind}/{proto}"] = {k: med([r.get(k) for r in rows]) for k in rows[0]
-                                              if isinstance(rows[0][k], (int, float))}
-                summary[f"{kind}/{proto}"]["errors"] = sum(r["errors"] for r in rows)  # all rounds
-                summary[f"{kind}/{proto}"]["latency_source"] = rows[0]["latency_source"]
+            if not rows:
+                continue
+            sel = [rows[i] for i in used]
+            row = {k: med([r.get(k) for r in sel]) for k in rows[0] if isinstance(rows[0][k], (int, float))}
+            row["errors"] = sum(r["errors"] for r in rows)  # all rounds
+            row["rounds_used"], row["rounds"] = len(sel), len(rows)
+            row["latency_source"] = rows[0]["latency_source"]
+            summary[f"{kind}/{proto}"] = row
     doc["median"], doc["raw"] = summary, raw
 
     os.makedirs(args.out, exist_ok=True)
