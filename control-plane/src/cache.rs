@@ -132,6 +132,7 @@ mod tests {
             ip: std::net::IpAddr::from([127, 0, 0, 1]),
             namespace: "default".into(),
             listener_port: port,
+            inbound_port: 15006,
         }
     }
 

@@ -246,6 +246,7 @@ spec:
             ip: std::net::IpAddr::from([0, 0, 0, 0]),
             namespace: "istio-system".into(),
             listener_port: 8080,
+            inbound_port: 15006,
         };
         Ok(translate(&model, &group, &TranslateOptions::default()))
     }

@@ -18,6 +18,12 @@ pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
 /// The metadata key that overrides the outbound listener's port.
 pub const OUTBOUND_PORT_KEY: &str = "LEGATE_OUTBOUND_PORT";
 
+/// The default port of a sidecar's inbound listener.
+pub const DEFAULT_INBOUND_PORT: u16 = 15006;
+
+/// The metadata key that overrides the inbound listener's port.
+pub const INBOUND_PORT_KEY: &str = "LEGATE_INBOUND_PORT";
+
 /// The default port of a gateway's HTTP listener.
 pub const DEFAULT_GATEWAY_HTTP_PORT: u16 = 8080;
 
@@ -67,6 +73,8 @@ pub struct ProxyIdentity {
     pub labels: BTreeMap<String, String>,
     /// The sidecar's outbound port or the gateway's HTTP port.
     pub listener_port: u16,
+    /// The sidecar's inbound port (unused by gateways).
+    pub inbound_port: u16,
 }
 
 /// Proxies that get the same resources. Translation is a function of the group only, so one
@@ -77,6 +85,7 @@ pub struct ProxyGroup {
     pub ip: IpAddr,
     pub namespace: String,
     pub listener_port: u16,
+    pub inbound_port: u16,
 }
 
 impl fmt::Display for ProxyGroup {
@@ -88,7 +97,11 @@ impl fmt::Display for ProxyGroup {
             self.ip,
             self.namespace,
             self.listener_port
-        )
+        )?;
+        if self.role == Role::Sidecar {
+            write!(f, "~{}", self.inbound_port)?;
+        }
+        Ok(())
     }
 }
 
@@ -132,13 +145,16 @@ impl ProxyIdentity {
             Role::Sidecar => (OUTBOUND_PORT_KEY, DEFAULT_OUTBOUND_PORT),
             Role::Router => (GATEWAY_HTTP_PORT_KEY, DEFAULT_GATEWAY_HTTP_PORT),
         };
-        let listener_port = match metadata.and_then(|m| m.fields.get(key)) {
-            None => default_port,
-            Some(v) => port_value(v.kind.as_ref()).ok_or_else(|| IdentityError::Metadata {
-                key,
-                reason: "must be a port number (0-65535)".into(),
-            })?,
-        };
+        let port_of =
+            |key: &'static str, default: u16| match metadata.and_then(|m| m.fields.get(key)) {
+                None => Ok(default),
+                Some(v) => port_value(v.kind.as_ref()).ok_or_else(|| IdentityError::Metadata {
+                    key,
+                    reason: "must be a port number (0-65535)".into(),
+                }),
+            };
+        let listener_port = port_of(key, default_port)?;
+        let inbound_port = port_of(INBOUND_PORT_KEY, DEFAULT_INBOUND_PORT)?;
         let labels = metadata
             .and_then(|m| m.fields.get("LABELS"))
             .and_then(|v| match &v.kind {
@@ -163,6 +179,7 @@ impl ProxyIdentity {
             domain,
             labels,
             listener_port,
+            inbound_port,
         })
     }
 
@@ -172,6 +189,7 @@ impl ProxyIdentity {
             ip: self.ip,
             namespace: self.namespace.clone(),
             listener_port: self.listener_port,
+            inbound_port: self.inbound_port,
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod cache;
 pub mod debounce;
 pub mod gateway;
 pub mod identity;
+pub mod inbound;
 pub mod metrics;
 pub mod model;
 pub mod registry;

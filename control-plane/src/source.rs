@@ -209,13 +209,15 @@ mod tests {
                 ip: std::net::IpAddr::from([127, 0, 0, 1]),
                 namespace: "default".into(),
                 listener_port: 15001,
+                inbound_port: 15006,
             };
             let snapshot = Snapshot::build(
                 &translate(&model, &group, &TranslateOptions::default()),
                 None,
                 1,
             )?;
-            assert_eq!(snapshot.get(ResourceType::Listener).resources.len(), 1);
+            let listeners = snapshot.get(ResourceType::Listener).resources.len();
+            assert_eq!(listeners, if role == Role::Sidecar { 2 } else { 1 });
         }
         Ok(())
     }

@@ -160,6 +160,10 @@ pub fn translate(model: &Model, group: &ProxyGroup, options: &TranslateOptions) 
             resources
                 .routes
                 .push(outbound_routes(&route_name, model, group, options));
+            let inbound = crate::inbound::translate(model, group, options);
+            resources.clusters.extend(inbound.clusters);
+            resources.listeners.push(inbound.listener);
+            resources.routes.push(inbound.routes);
         }
         Role::Router => {
             let (listener, routes) = crate::gateway::translate(model, group, options);
@@ -178,7 +182,7 @@ pub(crate) fn ads() -> ConfigSource {
     }
 }
 
-fn cluster(name: &str, port: &ServicePort) -> Cluster {
+pub(crate) fn cluster(name: &str, port: &ServicePort) -> Cluster {
     let mut cluster = Cluster {
         name: name.to_string(),
         cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
@@ -210,7 +214,7 @@ fn cluster(name: &str, port: &ServicePort) -> Cluster {
     cluster
 }
 
-fn socket_address(ip: &str, port: u16) -> Address {
+pub(crate) fn socket_address(ip: &str, port: u16) -> Address {
     Address {
         address: Some(address::Address::SocketAddress(SocketAddress {
             address: ip.to_string(),
@@ -331,7 +335,11 @@ pub(crate) fn http_listener(
 
 /// The host names a service answers to: the short name only from its own namespace, as
 /// DNS search paths resolve it.
-fn host_names(service: &Service, group: &ProxyGroup, options: &TranslateOptions) -> Vec<String> {
+pub(crate) fn host_names(
+    service: &Service,
+    group: &ProxyGroup,
+    options: &TranslateOptions,
+) -> Vec<String> {
     let mut names = Vec::new();
     if service.namespace == group.namespace {
         names.push(service.name.clone());
@@ -345,7 +353,7 @@ fn host_names(service: &Service, group: &ProxyGroup, options: &TranslateOptions)
     names
 }
 
-fn with_port(host: &str, port: u16) -> String {
+pub(crate) fn with_port(host: &str, port: u16) -> String {
     if host.contains(':') {
         format!("[{host}]:{port}")
     } else {
@@ -456,6 +464,7 @@ endpoints:
             ip: IpAddr::from([127, 0, 0, 1]),
             namespace: "default".into(),
             listener_port: 15001,
+            inbound_port: 15006,
         }
     }
 
@@ -563,9 +572,9 @@ endpoints:
     #[test]
     fn the_outbound_route_has_every_host_form() -> Result<(), crate::model::ManifestError> {
         let r = translated()?;
-        assert_eq!(r.listeners.len(), 1);
+        assert_eq!(r.listeners.len(), 2, "outbound and inbound");
         assert_eq!(r.listeners[0].name, OUTBOUND_LISTENER);
-        assert_eq!(r.routes.len(), 1);
+        assert_eq!(r.routes.len(), 2);
         let routes = &r.routes[0];
         assert_eq!(routes.name, "15001");
         let vhosts: Vec<&str> = routes
@@ -617,6 +626,7 @@ endpoints:
         let group = ProxyGroup {
             role: Role::Router,
             listener_port: 8080,
+            inbound_port: 15006,
             ..sidecar()
         };
         let r = translate(&model, &group, &TranslateOptions::default());

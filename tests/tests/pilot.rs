@@ -188,18 +188,23 @@ fn write_manifest(path: &Path, text: &str) -> Result<()> {
 
 /// `api_type` is `GRPC` (state of the world) or `DELTA_GRPC`.
 fn bootstrap(xds: SocketAddr, api_type: &str) -> String {
-    bootstrap_for(xds, api_type, NODE_ID, "LEGATE_OUTBOUND_PORT")
+    bootstrap_for(
+        xds,
+        api_type,
+        NODE_ID,
+        r#"LEGATE_OUTBOUND_PORT: "0", LEGATE_INBOUND_PORT: "0""#,
+    )
 }
 
-/// A bootstrap for node `id` whose main listener's port (named by `port_key` in the node's
-/// metadata) is ephemeral.
-fn bootstrap_for(xds: SocketAddr, api_type: &str, id: &str, port_key: &str) -> String {
+/// A bootstrap for node `id` with `metadata` (flow-style YAML fields), which sets the ports
+/// of the listeners the pilot gives it to 0 (ephemeral).
+fn bootstrap_for(xds: SocketAddr, api_type: &str, id: &str, metadata: &str) -> String {
     format!(
         r#"
 node:
   id: {id}
   cluster: app.default
-  metadata: {{{port_key}: "0"}}
+  metadata: {{{metadata}}}
 admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}}}
 dynamic_resources:
   ads_config:
@@ -298,6 +303,14 @@ async fn envoy_follows_the_pilot(api_type: &str) -> Result<()> {
             "{host}"
         );
     }
+    // This sidecar's IP (127.0.0.1) backs the echo service: its inbound listener forwards
+    // to the workload's port.
+    let inbound = eventually("Envoy's virtualInbound listener", || async {
+        let (_, body) = admin_get(envoy.admin, "/listeners?format=json").await?;
+        Ok(parse_listeners(&body)?.get("virtualInbound").copied())
+    })
+    .await?;
+    wait_for_upstream(inbound, "echo", "a").await?;
     let unknown = send(outbound, &Transport::H1, &Request::get("nope.default", "/")).await?;
     assert_eq!(
         unknown.status, 404,
@@ -312,6 +325,7 @@ async fn envoy_follows_the_pilot(api_type: &str) -> Result<()> {
         "{api_type}: traffic moved to the new endpoint {:?} after the edit",
         edited.elapsed()
     );
+    wait_for_upstream(inbound, "echo.default", "b").await?;
     let before = b.requests();
     for _ in 0..5 {
         assert_eq!(answered_by(outbound, "echo").await?.as_deref(), Some("b"));
@@ -433,7 +447,12 @@ async fn gateway_envoy_serves_ingress_rules() -> Result<()> {
     let bootstrap_path = dir.path().join("gateway.yaml");
     std::fs::write(
         &bootstrap_path,
-        bootstrap_for(pilot.xds, "GRPC", GATEWAY_ID, "LEGATE_GATEWAY_HTTP_PORT"),
+        bootstrap_for(
+            pilot.xds,
+            "GRPC",
+            GATEWAY_ID,
+            r#"LEGATE_GATEWAY_HTTP_PORT: "0""#,
+        ),
     )?;
     let envoy = Proxy::start(ProxyKind::Envoy, &bootstrap_path, dir.path())
         .await
@@ -542,8 +561,9 @@ mod scripted {
         write_manifest(&echo_yaml, &manifests(9))?;
         let pilot = Pilot::start(dir.path(), &mesh).await?;
 
+        // Not an endpoint of echo, so it has no inbound cluster.
         let node = Node {
-            id: NODE_ID.into(),
+            id: "sidecar~127.0.0.9~client.default~default.svc.cluster.local".into(),
             ..Default::default()
         };
         let (tx, mut responses) = open(

@@ -262,6 +262,7 @@ mod tests {
             ip: std::net::IpAddr::from([127, 0, 0, 1]),
             namespace: "default".into(),
             listener_port: 15001,
+            inbound_port: 15006,
         };
         let r = translate(
             &Model::build(parse_manifests(&text)?),
