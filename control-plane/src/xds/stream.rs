@@ -72,7 +72,8 @@ struct Sent {
 /// What a request meant.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RequestOutcome {
-    /// The first request for the type, or one after a reconnect (empty nonce).
+    /// The first request for the type, one after a reconnect (empty nonce), or a
+    /// subscription change after the latest response was already answered.
     Subscribe,
     /// The proxy applied the response with this nonce (`push_ack` is the round trip).
     Ack { push_ack: Option<Duration> },
@@ -135,8 +136,12 @@ impl StreamState {
             RequestOutcome::Subscribe
         } else {
             match &state.sent {
+                // The latest response, already answered: a subscription update.
+                Some(sent) if sent.nonce == req.response_nonce && !state.pending => {
+                    RequestOutcome::Subscribe
+                }
                 Some(sent) if sent.nonce == req.response_nonce => {
-                    let push_ack = state.pending.then(|| sent.at.elapsed());
+                    let push_ack = Some(sent.at.elapsed());
                     state.pending = false;
                     match &req.error_detail {
                         Some(status) => {
