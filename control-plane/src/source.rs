@@ -28,10 +28,23 @@ pub enum SourceError {
     },
 }
 
+/// What tells a changed file: modification time, size and (on Unix) inode, since tools that
+/// replace a file by a rename may leave the first two equal within the clock's granularity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Stamp {
     modified: Option<SystemTime>,
     len: u64,
+    inode: u64,
+}
+
+#[cfg(unix)]
+fn inode(meta: &std::fs::Metadata) -> u64 {
+    std::os::unix::fs::MetadataExt::ino(meta)
+}
+
+#[cfg(not(unix))]
+fn inode(_: &std::fs::Metadata) -> u64 {
+    0
 }
 
 #[derive(Debug)]
@@ -78,7 +91,10 @@ impl FileSource {
             if !is_manifest(&path) {
                 continue;
             }
-            let Ok(meta) = entry.metadata() else { continue };
+            // Follow symlinks: a mounted ConfigMap's files are links swapped atomically.
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
             if !meta.is_file() {
                 continue;
             }
@@ -87,6 +103,7 @@ impl FileSource {
                 Stamp {
                     modified: meta.modified().ok(),
                     len: meta.len(),
+                    inode: inode(&meta),
                 },
             );
         }
