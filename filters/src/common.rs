@@ -63,9 +63,13 @@ fn check_value(value: &Value, path: &str, table: FieldTable) -> Result<(), Filte
             .iter()
             .enumerate()
             .try_for_each(|(i, v)| check_value(v, &format!("{path}[{i}]"), table)),
-        Value::Map(map) => map
-            .iter()
-            .try_for_each(|(k, v)| check_value(v, &format!("{path}[{k:?}]"), table)),
+        Value::Map(map) => map.iter().try_for_each(|(k, v)| {
+            let key = match k {
+                legate_proto::MapKey::String(s) => format!("{s:?}"),
+                other => format!("{other:?}"),
+            };
+            check_value(v, &format!("{path}[{key}]"), table)
+        }),
         _ => Ok(()),
     }
 }

@@ -255,3 +255,52 @@ impl FilterFactory for CorsFactory {
         Ok(Arc::new(Policy::new(config)?))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(json: serde_json::Value) -> Policy {
+        let msg = match legate_proto::dynamic_from_json(POLICY_TYPE, &json) {
+            Ok(m) => m,
+            Err(e) => panic!("{e}"),
+        };
+        match Policy::new(&msg) {
+            Ok(p) => p,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn a_matcher_that_matches_star_allows_every_origin() {
+        let p = policy(serde_json::json!({"allow_origin_string_match": [{"exact": "*"}]}));
+        assert!(p.origin_allowed("https://anything.example"));
+        let p = policy(serde_json::json!({"allow_origin_string_match": [{"exact": "https://a"}]}));
+        assert!(!p.origin_allowed("https://b"));
+    }
+
+    #[test]
+    fn star_echoes_what_the_preflight_asks() {
+        let p = policy(serde_json::json!({
+            "allow_origin_string_match": [{"prefix": "https://"}],
+            "allow_methods": "*",
+            "allow_headers": "x-a",
+            "allow_credentials": true
+        }));
+        let mut req = http::HeaderMap::new();
+        req.insert(REQUEST_METHOD, HeaderValue::from_static("PUT"));
+        let origin = HeaderValue::from_static("https://a");
+        let r = p.preflight(Some(&origin), &req);
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(
+            r.headers.get(&ALLOW_METHODS),
+            Some(&HeaderValue::from_static("PUT"))
+        );
+        assert_eq!(
+            r.headers.get(&ALLOW_HEADERS),
+            Some(&HeaderValue::from_static("x-a"))
+        );
+        assert_eq!(r.headers.get(&ALLOW_ORIGIN), Some(&origin));
+        assert!(r.headers.contains_key(&ALLOW_CREDENTIALS));
+    }
+}

@@ -112,3 +112,62 @@ impl FilterFactory for HealthCheckFactory {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn create(json: serde_json::Value) -> Result<FilterConfig, FilterError> {
+        let msg = match legate_proto::dynamic_from_json(
+            "envoy.extensions.filters.http.health_check.v3.HealthCheck",
+            &json,
+        ) {
+            Ok(m) => m,
+            Err(e) => panic!("{e}"),
+        };
+        HealthCheckFactory.create("hc", &msg)
+    }
+
+    #[test]
+    fn pass_through_mode_is_required() {
+        let err = create(serde_json::json!({})).err();
+        assert!(
+            matches!(&err, Some(FilterError::InvalidConfig { field, .. }) if field == "pass_through_mode"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn cache_time_is_refused_by_name() {
+        let err = create(serde_json::json!({"pass_through_mode": true, "cache_time": "1s"})).err();
+        assert!(
+            matches!(&err, Some(FilterError::InvalidConfig { field, .. }) if field == "cache_time"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_matching_request_is_answered_and_marked() -> Result<(), Box<dyn std::error::Error>> {
+        let FilterConfig::Filter { filter, .. } = create(serde_json::json!({
+            "pass_through_mode": false,
+            "headers": [{"name": ":path", "string_match": {"exact": "/healthz"}}]
+        }))?
+        else {
+            panic!("not a filter")
+        };
+        let mut ctx = RequestContext::default();
+        let (mut req, ()) = http::Request::get("/healthz").body(())?.into_parts();
+        let status = filter.on_request_headers(&mut ctx, &mut req);
+        assert!(matches!(status, FilterStatus::LocalReply(ref r) if r.status == StatusCode::OK));
+        let (mut resp, ()) = http::Response::new(()).into_parts();
+        filter.on_response_headers(&mut ctx, &mut resp);
+        assert!(resp.headers.contains_key(&HEALTHCHECKED_CLUSTER));
+        let (mut other, ()) = http::Request::get("/healthz?x").body(())?.into_parts();
+        let mut ctx = RequestContext::default();
+        assert!(matches!(
+            filter.on_request_headers(&mut ctx, &mut other),
+            FilterStatus::Continue
+        ));
+        Ok(())
+    }
+}

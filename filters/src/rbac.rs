@@ -538,4 +538,75 @@ mod tests {
         ));
         Ok(())
     }
+
+    fn filter(json: serde_json::Value) -> Result<Arc<dyn HttpFilter>, Box<dyn std::error::Error>> {
+        let msg =
+            legate_proto::dynamic_from_json("envoy.extensions.filters.http.rbac.v3.RBAC", &json)?;
+        match RbacFactory.create("rbac", &msg)? {
+            FilterConfig::Filter { filter, .. } => Ok(filter),
+            FilterConfig::Router(_) => Err("not a filter".into()),
+        }
+    }
+
+    #[test]
+    fn shadow_rules_record_and_never_refuse() -> Result<(), Box<dyn std::error::Error>> {
+        let f = filter(serde_json::json!({
+            "shadow_rules": {"action": "DENY", "policies": {"all": {
+                "permissions": [{"any": true}], "principals": [{"any": true}]
+            }}},
+            "shadow_rules_stat_prefix": "p_"
+        }))?;
+        let mut ctx = RequestContext::default();
+        let (mut req, ()) = http::Request::get("/").body(())?.into_parts();
+        assert!(matches!(
+            f.on_request_headers(&mut ctx, &mut req),
+            FilterStatus::Continue
+        ));
+        let md = ctx
+            .dynamic_metadata
+            .get(METADATA_NAMESPACE)
+            .ok_or("no metadata")?;
+        assert_eq!(
+            md.get("p_shadow_engine_result").map(String::as_str),
+            Some("denied")
+        );
+        assert_eq!(
+            md.get("p_shadow_effective_policy_id").map(String::as_str),
+            Some("all")
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn empty_policies_allow_under_deny_and_refuse_under_allow(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        for (action, allowed) in [("DENY", true), ("ALLOW", false)] {
+            let f = filter(serde_json::json!({"rules": {"action": action}}))?;
+            let mut ctx = RequestContext::default();
+            let (mut req, ()) = http::Request::get("/").body(())?.into_parts();
+            let status = f.on_request_headers(&mut ctx, &mut req);
+            assert_eq!(
+                matches!(status, FilterStatus::Continue),
+                allowed,
+                "{action}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn unimplemented_principals_are_refused_by_path() -> Result<(), Box<dyn std::error::Error>> {
+        let err = filter(serde_json::json!({"rules": {"policies": {"p": {
+            "permissions": [{"any": true}],
+            "principals": [{"metadata": {"filter": "f", "path": [{"key": "k"}], "value": {"present_match": true}}}]
+        }}}}))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(
+            err.contains(r#"rules.policies["p"].principals[0].metadata"#),
+            "{err}"
+        );
+        Ok(())
+    }
 }
