@@ -4,9 +4,13 @@
 //! As in Envoy, the response to a health check carries
 //! `x-envoy-upstream-healthchecked-cluster`. Envoy puts the bootstrap's `node.cluster` there;
 //! filters do not see the bootstrap, so Legate sends it empty (which is what Envoy sends when
-//! `node.cluster` is unset). Envoy's admin `/healthcheck/fail` and `/healthcheck/ok` belong to
-//! the proxy's admin and are not wired to this filter yet: Legate always reports healthy.
+//! `node.cluster` is unset).
+//!
+//! While the server is failed ([`ServerHealth::fail`], what Envoy's admin
+//! `POST /healthcheck/fail` does), health checks are answered locally with 503 even in
+//! pass-through mode, and other responses carry `x-envoy-immediate-health-check-fail: true`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use http::header::{HeaderName, HeaderValue};
@@ -36,6 +40,30 @@ pub const FIELDS: FieldTable = &[
 
 const HEALTHCHECKED_CLUSTER: HeaderName =
     HeaderName::from_static("x-envoy-upstream-healthchecked-cluster");
+const IMMEDIATE_FAIL: HeaderName = HeaderName::from_static("x-envoy-immediate-health-check-fail");
+
+/// The server's health as Envoy's admin `/healthcheck/fail` and `/healthcheck/ok` set it,
+/// shared by the health_check filters a registry builds
+/// ([`crate::FilterRegistry::server_health`]). Cheap to clone; starts healthy.
+#[derive(Debug, Clone, Default)]
+pub struct ServerHealth(Arc<AtomicBool>);
+
+impl ServerHealth {
+    /// Marks the server failed (`POST /healthcheck/fail`).
+    pub fn fail(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// Marks the server healthy again (`POST /healthcheck/ok`).
+    pub fn ok(&self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether the server is marked failed.
+    pub fn is_failed(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
 
 /// Marks a request the filter recognised as a health check, for its response phase.
 struct HealthCheckRequest;
@@ -46,6 +74,7 @@ pub struct HealthCheckFilter {
     name: String,
     pass_through: bool,
     headers: Vec<HeaderMatch>,
+    health: ServerHealth,
 }
 
 impl HttpFilter for HealthCheckFilter {
@@ -58,6 +87,11 @@ impl HttpFilter for HealthCheckFilter {
             return FilterStatus::Continue;
         }
         ctx.filter_data.insert(&self.name, HealthCheckRequest);
+        if self.health.is_failed() {
+            let mut r = LocalReply::new(StatusCode::SERVICE_UNAVAILABLE, bytes::Bytes::new());
+            r.response_flag = Some("LH");
+            return FilterStatus::LocalReply(r);
+        }
         if self.pass_through {
             return FilterStatus::Continue;
         }
@@ -77,14 +111,27 @@ impl HttpFilter for HealthCheckFilter {
             parts
                 .headers
                 .insert(HEALTHCHECKED_CLUSTER, HeaderValue::from_static(""));
+        } else if self.health.is_failed() {
+            parts
+                .headers
+                .insert(IMMEDIATE_FAIL, HeaderValue::from_static("true"));
         }
         FilterStatus::Continue
     }
 }
 
-/// Factory of [`HealthCheckFilter`].
-#[derive(Debug)]
-pub struct HealthCheckFactory;
+/// Factory of [`HealthCheckFilter`]; its filters share one [`ServerHealth`].
+#[derive(Debug, Default)]
+pub struct HealthCheckFactory {
+    health: ServerHealth,
+}
+
+impl HealthCheckFactory {
+    /// A factory whose filters follow `health`.
+    pub fn new(health: ServerHealth) -> Self {
+        HealthCheckFactory { health }
+    }
+}
 
 impl FilterFactory for HealthCheckFactory {
     fn type_url(&self) -> &'static str {
@@ -108,6 +155,7 @@ impl FilterFactory for HealthCheckFactory {
                 name: name.to_owned(),
                 pass_through: pass_through.value,
                 headers,
+                health: self.health.clone(),
             }),
         })
     }
@@ -125,7 +173,7 @@ mod tests {
             Ok(m) => m,
             Err(e) => panic!("{e}"),
         };
-        HealthCheckFactory.create("hc", &msg)
+        HealthCheckFactory::default().create("hc", &msg)
     }
 
     #[test]
@@ -166,6 +214,50 @@ mod tests {
         let mut ctx = RequestContext::default();
         assert!(matches!(
             filter.on_request_headers(&mut ctx, &mut other),
+            FilterStatus::Continue
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn a_failed_server_answers_503_even_in_pass_through() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let health = ServerHealth::default();
+        let msg = legate_proto::dynamic_from_json(
+            "envoy.extensions.filters.http.health_check.v3.HealthCheck",
+            &serde_json::json!({
+                "pass_through_mode": true,
+                "headers": [{"name": ":path", "string_match": {"exact": "/healthz"}}]
+            }),
+        )?;
+        let FilterConfig::Filter { filter, .. } =
+            HealthCheckFactory::new(health.clone()).create("hc", &msg)?
+        else {
+            panic!("not a filter")
+        };
+        health.fail();
+        let mut ctx = RequestContext::default();
+        let (mut req, ()) = http::Request::get("/healthz").body(())?.into_parts();
+        assert!(matches!(
+            filter.on_request_headers(&mut ctx, &mut req),
+            FilterStatus::LocalReply(ref r) if r.status == StatusCode::SERVICE_UNAVAILABLE
+        ));
+        let mut ctx = RequestContext::default();
+        let (mut other, ()) = http::Request::get("/app").body(())?.into_parts();
+        assert!(matches!(
+            filter.on_request_headers(&mut ctx, &mut other),
+            FilterStatus::Continue
+        ));
+        let (mut resp, ()) = http::Response::new(()).into_parts();
+        filter.on_response_headers(&mut ctx, &mut resp);
+        assert_eq!(
+            resp.headers.get(&IMMEDIATE_FAIL),
+            Some(&HeaderValue::from_static("true"))
+        );
+        health.ok();
+        let mut ctx = RequestContext::default();
+        assert!(matches!(
+            filter.on_request_headers(&mut ctx, &mut req),
             FilterStatus::Continue
         ));
         Ok(())

@@ -20,5 +20,6 @@ mod router;
 pub use api::{
     FilterData, FilterStatus, HttpFilter, LocalReply, RequestContext, Resumption, RouteConfig,
 };
+pub use health_check::ServerHealth;
 pub use registry::{FilterConfig, FilterError, FilterFactory, FilterRegistry};
 pub use router::{RouterConfig, RouterFactory, ROUTER_TYPE_URL};

@@ -56,6 +56,7 @@ pub trait FilterFactory: Send + Sync {
 #[derive(Default)]
 pub struct FilterRegistry {
     factories: HashMap<&'static str, Arc<dyn FilterFactory>>,
+    health: crate::health_check::ServerHealth,
 }
 
 impl std::fmt::Debug for FilterRegistry {
@@ -78,9 +79,17 @@ impl FilterRegistry {
         r.register(Arc::new(crate::local_ratelimit::LocalRateLimitFactory));
         r.register(Arc::new(crate::fault::FaultFactory));
         r.register(Arc::new(crate::cors::CorsFactory));
-        r.register(Arc::new(crate::health_check::HealthCheckFactory));
+        r.register(Arc::new(crate::health_check::HealthCheckFactory::new(
+            r.health.clone(),
+        )));
         r.register(Arc::new(crate::rbac::RbacFactory));
         r
+    }
+
+    /// The health state the built-in health_check filters follow; the admin's
+    /// `/healthcheck/fail` and `/healthcheck/ok` flip it.
+    pub fn server_health(&self) -> crate::health_check::ServerHealth {
+        self.health.clone()
     }
 
     /// Adds (or replaces) a factory.
