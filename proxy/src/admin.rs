@@ -146,14 +146,24 @@ fn handle(rt: &Arc<Runtime>, req: Request<Incoming>) -> Response<Full<Bytes>> {
             rt.quit();
             text(StatusCode::OK, "OK\n")
         }
+        (&Method::POST, "/healthcheck/fail") => {
+            rt.health.fail();
+            text(StatusCode::OK, "OK\n")
+        }
+        (&Method::POST, "/healthcheck/ok") => {
+            rt.health.ok();
+            text(StatusCode::OK, "OK\n")
+        }
         (&Method::POST, "/drain_listeners") => {
             rt.start_drain();
             text(StatusCode::OK, "OK\n")
         }
-        (_, "/quitquitquit" | "/drain_listeners") => text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "This endpoint requires POST\n",
-        ),
+        (_, "/quitquitquit" | "/drain_listeners" | "/healthcheck/fail" | "/healthcheck/ok") => {
+            text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "This endpoint requires POST\n",
+            )
+        }
         _ => text(
             StatusCode::NOT_FOUND,
             "invalid path; see Envoy's admin documentation\n",

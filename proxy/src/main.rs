@@ -176,6 +176,7 @@ fn real_main() -> anyhow::Result<std::process::ExitCode> {
         admin_address_path: args.admin_address_path.clone(),
         command_line: std::env::args().collect(),
         concurrency,
+        health: registry.server_health(),
     };
     rt.block_on(server::run(bootstrap, opts))?;
     Ok(std::process::ExitCode::SUCCESS)

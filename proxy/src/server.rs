@@ -29,6 +29,8 @@ pub struct Runtime {
     pub started: Instant,
     pub command_line: Vec<String>,
     pub concurrency: usize,
+    /// Shared with the health_check filters; toggled by `/healthcheck/fail` and `/healthcheck/ok`.
+    pub health: legate_filters::ServerHealth,
     draining: AtomicBool,
     drain_tx: watch::Sender<bool>,
     shutdown_tx: watch::Sender<bool>,
@@ -76,6 +78,7 @@ pub struct ServeOptions {
     pub admin_address_path: Option<String>,
     pub command_line: Vec<String>,
     pub concurrency: usize,
+    pub health: legate_filters::ServerHealth,
 }
 
 /// Binds everything, serves until a signal or `/quitquitquit`, then drains and returns.
@@ -106,6 +109,7 @@ pub async fn run(bootstrap: Bootstrap, opts: ServeOptions) -> anyhow::Result<()>
         started: Instant::now(),
         command_line: opts.command_line.clone(),
         concurrency: opts.concurrency,
+        health: opts.health.clone(),
         draining: AtomicBool::new(false),
         drain_tx,
         shutdown_tx,

@@ -370,3 +370,39 @@ async fn sigterm_drains_in_flight_requests_then_exits() -> Result<()> {
     );
     Ok(())
 }
+
+/// `POST /healthcheck/fail` makes the health_check filter answer 503; `/healthcheck/ok` undoes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_healthcheck_fail_and_ok_drive_the_health_check_filter() -> Result<()> {
+    let up = Upstream::plain("a").await?;
+    let dir = TempDir::new("lifecycle-healthcheck")?;
+    let yaml = bootstrap(up.addr.port(), "").replace(
+        "          http_filters:\n",
+        "          http_filters:\n          - name: envoy.filters.http.health_check\n            typed_config:\n              '@type': type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck\n              pass_through_mode: false\n              headers: [{name: ':path', string_match: {exact: /healthz}}]\n",
+    );
+    let legate = start_legate(&dir, &yaml).await?;
+    let addr = legate.listener("main")?;
+    let check = Request::get("example.com", "/healthz");
+    let mut fail = Request::get("localhost", "/healthcheck/fail");
+    fail.method = "POST".into();
+    let mut ok = Request::get("localhost", "/healthcheck/ok");
+    ok.method = "POST".into();
+    let h1 = Transport::H1;
+    ensure!(
+        send(addr, &h1, &check).await?.status == 200,
+        "{}",
+        legate.output()
+    );
+    ensure!(send(legate.admin, &h1, &fail).await?.status == 200);
+    ensure!(
+        send(addr, &h1, &check).await?.status == 503,
+        "after /healthcheck/fail"
+    );
+    ensure!(send(legate.admin, &h1, &ok).await?.status == 200);
+    ensure!(
+        send(addr, &h1, &check).await?.status == 200,
+        "after /healthcheck/ok"
+    );
+    ensure!(up.requests() == 0, "health checks were answered locally");
+    Ok(())
+}
