@@ -114,6 +114,8 @@ fn handle(rt: &Arc<Runtime>, req: Request<Incoming>) -> Response<Full<Bytes>> {
         (_, "/ready") => {
             if rt.is_draining() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n")
+            } else if !rt.is_initialized() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "INITIALIZING\n")
             } else {
                 text(StatusCode::OK, "LIVE\n")
             }
@@ -260,7 +262,7 @@ fn config_dump(rt: &Runtime) -> serde_json::Value {
         })
         .unwrap_or_default();
     json!({"configs": [
-        {"@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump", "bootstrap": snap.bootstrap, "last_updated": updated},
+        {"@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump", "bootstrap": &*snap.bootstrap, "last_updated": updated},
         {"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "static_clusters": clusters},
         {"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "static_listeners": listeners},
     ]})

@@ -20,6 +20,8 @@ pub enum Discovery {
     Static,
     StrictDns,
     LogicalDns,
+    /// Endpoints delivered by EDS (`ClusterLoadAssignment`s over ADS).
+    Eds,
 }
 
 /// `dns_lookup_family`.
@@ -63,6 +65,8 @@ pub struct LocalityConfig {
 pub struct ClusterConfig {
     pub name: String,
     pub discovery: Discovery,
+    /// The name the cluster's endpoints are requested under, for EDS clusters.
+    pub eds_service_name: Option<String>,
     pub connect_timeout: Duration,
     pub lb: LbPolicy,
     pub localities: Vec<LocalityConfig>,
@@ -72,6 +76,13 @@ pub struct ClusterConfig {
     pub dns_family: DnsFamily,
     pub buffer_limit: Option<u32>,
     pub idle_timeout: Option<Duration>,
+}
+
+impl ClusterConfig {
+    /// Whether the cluster resolves its hosts by DNS.
+    pub fn is_dns(&self) -> bool {
+        matches!(self.discovery, Discovery::StrictDns | Discovery::LogicalDns)
+    }
 }
 
 /// An upstream host with its connection pool.
@@ -177,9 +188,47 @@ impl Cluster {
         }
     }
 
+    /// Resolves a DNS cluster in the background after `first`, then every
+    /// `dns_refresh_rate` while the cluster is in use.
+    pub fn keep_resolving(self: &Arc<Self>, first: Duration) {
+        if !self.config.is_dns() {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let every = self.config.dns_refresh;
+        tokio::spawn(async move {
+            tokio::time::sleep(first).await;
+            loop {
+                let Some(c) = weak.upgrade() else { break };
+                c.resolve_once().await;
+                drop(c);
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
+
+    /// Replaces the hosts with an EDS assignment (the lowest priority with endpoints takes
+    /// the traffic). Hosts whose address and weight survive keep their connection pools.
+    pub fn set_localities(&self, localities: &[LocalityConfig]) {
+        let hosts = lowest_priority(localities)
+            .flat_map(|loc| {
+                loc.endpoints.iter().filter_map(move |ep| {
+                    let ip = ep.host.parse().ok()?;
+                    Some((
+                        SocketAddr::new(ip, ep.port),
+                        ep.hostname.clone(),
+                        ep.weight,
+                        loc.zone.clone(),
+                    ))
+                })
+            })
+            .collect();
+        self.set_hosts(hosts);
+    }
+
     async fn resolve_once(&self) {
         let mut out = Vec::new();
-        for loc in lowest_priority(&self.config) {
+        for loc in lowest_priority(&self.config.localities) {
             for ep in &loc.endpoints {
                 let addrs = match tokio::net::lookup_host((ep.host.as_str(), ep.port)).await {
                     Ok(a) => a.collect::<Vec<_>>(),
@@ -227,19 +276,18 @@ fn filter_family(addrs: Vec<SocketAddr>, family: DnsFamily) -> Vec<SocketAddr> {
 
 /// Without health checking every host is healthy, so the lowest priority with endpoints takes
 /// all traffic, as Envoy's priority load computation gives.
-fn lowest_priority(config: &ClusterConfig) -> impl Iterator<Item = &LocalityConfig> {
-    let p = config
-        .localities
+fn lowest_priority(localities: &[LocalityConfig]) -> impl Iterator<Item = &LocalityConfig> {
+    let p = localities
         .iter()
         .filter(|l| !l.endpoints.is_empty())
         .map(|l| l.priority)
         .min()
         .unwrap_or(0);
-    config.localities.iter().filter(move |l| l.priority == p)
+    localities.iter().filter(move |l| l.priority == p)
 }
 
 fn static_hosts(config: &ClusterConfig) -> Vec<Arc<Host>> {
-    lowest_priority(config)
+    lowest_priority(&config.localities)
         .flat_map(|loc| {
             loc.endpoints.iter().filter_map(move |ep| {
                 let ip = ep.host.parse().ok()?;
@@ -270,6 +318,16 @@ impl ClusterManager {
         Self { clusters }
     }
 
+    /// A manager over clusters that already run (their hosts and pools carry over).
+    pub fn from_clusters(clusters: HashMap<String, Arc<Cluster>>) -> Self {
+        Self { clusters }
+    }
+
+    /// The running clusters by name.
+    pub fn clusters(&self) -> &HashMap<String, Arc<Cluster>> {
+        &self.clusters
+    }
+
     /// A cluster by name.
     pub fn get(&self, name: &str) -> Option<&Arc<Cluster>> {
         self.clusters.get(name)
@@ -288,20 +346,12 @@ impl ClusterManager {
         let dns: Vec<Arc<Cluster>> = self
             .clusters
             .values()
-            .filter(|c| c.config.discovery != Discovery::Static)
+            .filter(|c| c.config.is_dns())
             .cloned()
             .collect();
         futures_util::future::join_all(dns.iter().map(|c| c.resolve_once())).await;
         for c in dns {
-            let weak = Arc::downgrade(&c);
-            let every = c.config.dns_refresh;
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    let Some(c) = weak.upgrade() else { break };
-                    c.resolve_once().await;
-                }
-            });
+            c.keep_resolving(c.config.dns_refresh);
         }
     }
 }

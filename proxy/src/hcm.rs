@@ -19,7 +19,7 @@ use crate::route::{
     ClusterTarget, ForwardAction, HashPolicy, PathMatch, RedirectAction, RequestView, Route,
     RouteAction, RouteTable, VirtualHost,
 };
-use crate::server::Runtime;
+use crate::server::{Runtime, Snapshot};
 use crate::stats::HttpStats;
 
 /// `codec_type`.
@@ -43,7 +43,7 @@ pub enum ServerHeader {
 pub struct HcmConfig {
     pub stat_prefix: String,
     pub codec: Codec,
-    pub routes: Arc<RouteTable>,
+    pub routes: Routes,
     pub filters: Vec<HcmFilter>,
     pub router: RouterConfig,
     pub stream_idle_timeout: Option<Duration>,
@@ -61,8 +61,21 @@ pub struct HcmConfig {
     pub server_header: ServerHeader,
     pub access_logs: Arc<[AccessLog]>,
     pub websocket: bool,
+    /// `strip_any_host_port`: the port is removed from the host before routing and
+    /// forwarding.
+    pub strip_any_host_port: bool,
     pub h2_max_concurrent_streams: Option<u32>,
     pub stats: HttpStats,
+}
+
+/// Where a connection manager's routes come from.
+#[derive(Debug)]
+pub enum Routes {
+    /// An inline `route_config`.
+    Static(Arc<RouteTable>),
+    /// `rds`: the route table is looked up in the request's snapshot under `key` (the route
+    /// configuration's name compiled for this manager's filters).
+    Rds { name: String, key: Arc<str> },
 }
 
 /// One HTTP filter of a connection manager.
@@ -265,6 +278,20 @@ fn authority(req: &Request<Incoming>) -> String {
         .unwrap_or_default()
 }
 
+/// Removes a `:port` suffix from a host (`[v6]:port` included; a bare IPv6 address has none).
+fn strip_host_port(host: &mut String) {
+    if let Some(i) = host.rfind(':') {
+        let (name, port) = host.split_at(i);
+        let digits = &port[1..];
+        if !digits.is_empty()
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && (!name.contains(':') || name.ends_with(']'))
+        {
+            host.truncate(i);
+        }
+    }
+}
+
 fn is_internal(ip: std::net::IpAddr) -> bool {
     match ip {
         std::net::IpAddr::V4(v4) => v4.is_private() || v4.is_loopback(),
@@ -299,7 +326,10 @@ impl Stream<'_> {
     async fn run(&mut self, mut req: Request<Incoming>) -> Response<ProxyBody> {
         let conn = self.conn;
         let hcm = &conn.hcm;
-        let host = authority(&req);
+        let mut host = authority(&req);
+        if hcm.strip_any_host_port {
+            strip_host_port(&mut host);
+        }
         self.edge_headers(req.headers_mut());
         if !hcm.access_logs.is_empty() {
             self.record = Some(Record {
@@ -320,7 +350,16 @@ impl Stream<'_> {
             });
         }
 
-        let table = &hcm.routes;
+        // The request's one load of the published snapshot: routes (for RDS) and clusters
+        // come from the same version.
+        let snapshot = conn.runtime.snapshot.load_full();
+        let table: &RouteTable = match &hcm.routes {
+            Routes::Static(t) => t,
+            Routes::Rds { key, .. } => match snapshot.routes.get(key) {
+                Some(t) => t,
+                None => return self.no_route(),
+            },
+        };
         let path = req
             .uri()
             .path_and_query()
@@ -371,7 +410,8 @@ impl Stream<'_> {
                 return resp;
             }
             RouteAction::Forward(fwd) => {
-                self.forward(fwd, route, vh, table, req, &host, &path).await
+                self.forward(fwd, route, vh, table, &snapshot, req, &host, &path)
+                    .await
             }
         };
         resp
@@ -568,13 +608,13 @@ impl Stream<'_> {
         route: &Route,
         vh: &VirtualHost,
         table: &RouteTable,
+        snapshot: &Snapshot,
         mut req: Request<Incoming>,
         host: &str,
         path: &str,
     ) -> Response<ProxyBody> {
         let conn = self.conn;
         let hcm = &conn.hcm;
-        let snapshot = conn.runtime.snapshot.load();
         let (cluster_name, weighted) = match &fwd.target {
             ClusterTarget::Named(n) => (n.clone(), None),
             ClusterTarget::Header(h) => (
@@ -616,7 +656,6 @@ impl Stream<'_> {
                 bytes::Bytes::new(),
             ));
         };
-        drop(snapshot);
 
         let hash = compute_hash(&fwd.hash_policy, req.headers(), conn.remote);
         let balancer = cluster.balancer();

@@ -136,16 +136,8 @@ impl ListenerConfig {
     }
 }
 
-/// A bound listener.
-#[derive(Debug)]
-pub struct BoundListener {
-    pub config: Arc<ListenerConfig>,
-    pub socket: TcpListener,
-}
-
 /// Binds a listener's socket (with `SO_REUSEADDR`, dual-stack off for IPv6).
-pub fn bind(config: Arc<ListenerConfig>) -> std::io::Result<BoundListener> {
-    let addr = config.address;
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let domain = if addr.is_ipv6() {
         socket2::Domain::IPV6
     } else {
@@ -159,34 +151,78 @@ pub fn bind(config: Arc<ListenerConfig>) -> std::io::Result<BoundListener> {
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     s.listen(1024)?;
-    let socket = TcpListener::from_std(s.into())?;
-    Ok(BoundListener { config, socket })
+    TcpListener::from_std(s.into())
 }
 
-/// Accepts connections until `drain` turns true.
+/// What a connection's listener is running now: its configuration and the drain signal of
+/// that configuration's generation. An update swaps in a new generation; the old one's
+/// connections are told to drain.
+#[derive(Debug)]
+pub struct Generation {
+    pub config: Arc<ListenerConfig>,
+    pub drain: watch::Receiver<bool>,
+}
+
+/// When a connection must drain: the whole proxy drains, or its listener generation was
+/// replaced or removed (a dropped sender counts as drained).
+#[derive(Debug, Clone)]
+pub struct Drain {
+    global: watch::Receiver<bool>,
+    listener: watch::Receiver<bool>,
+}
+
+impl Drain {
+    fn is_set(&self) -> bool {
+        *self.global.borrow() || *self.listener.borrow()
+    }
+
+    /// Resolves once the connection must drain.
+    async fn wait(&mut self) {
+        loop {
+            if self.is_set() {
+                return;
+            }
+            tokio::select! {
+                r = self.global.changed() => if r.is_err() { return },
+                r = self.listener.changed() => if r.is_err() { return },
+            }
+        }
+    }
+}
+
+/// Accepts connections until the proxy drains or `stop` turns true (the listener was
+/// removed). Each connection takes the listener's current generation.
 pub async fn serve(
-    listener: BoundListener,
+    socket: TcpListener,
+    name: String,
+    current: Arc<arc_swap::ArcSwap<Generation>>,
     runtime: Arc<Runtime>,
-    mut drain: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
 ) {
-    let local = listener.socket.local_addr().ok();
+    let mut global = runtime.drain_signal();
+    let local = socket.local_addr().ok();
     loop {
         let accepted = tokio::select! {
-            a = listener.socket.accept() => a,
-            _ = drain.changed() => break,
+            a = socket.accept() => a,
+            _ = global.changed() => break,
+            _ = stop.changed() => break,
         };
         let (stream, remote) = match accepted {
             Ok(a) => a,
             Err(e) => {
-                tracing::warn!(listener = %listener.config.name, "accept failed: {e}");
+                tracing::warn!(listener = %name, "accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
         };
         let _ = stream.set_nodelay(true);
-        let config = listener.config.clone();
+        let generation = current.load_full();
+        let config = generation.config.clone();
+        let drain = Drain {
+            global: global.clone(),
+            listener: generation.drain.clone(),
+        };
         let runtime = runtime.clone();
-        let drain = drain.clone();
         let local = stream.local_addr().ok().or(local).unwrap_or(config.address);
         tokio::spawn(async move {
             if let Err(e) = connection(stream, remote, local, config, runtime, drain).await {
@@ -236,7 +272,7 @@ async fn connection(
     local: SocketAddr,
     config: Arc<ListenerConfig>,
     runtime: Arc<Runtime>,
-    drain: watch::Receiver<bool>,
+    drain: Drain,
 ) -> std::io::Result<()> {
     let detected = if config.tls_inspector {
         inspect(&stream).await?
@@ -321,7 +357,7 @@ async fn serve_http<S>(
     info: Arc<ConnInfo>,
     codec: Codec,
     buffer_limit: Option<u32>,
-    mut drain: watch::Receiver<bool>,
+    mut drain: Drain,
 ) -> std::io::Result<()>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
@@ -351,19 +387,17 @@ where
     };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
-    let mut draining = *drain.borrow();
+    let mut draining = drain.is_set();
     if draining {
         conn.as_mut().graceful_shutdown();
     }
     loop {
         tokio::select! {
             r = conn.as_mut() => return r.map_err(|e| std::io::Error::other(e.to_string())),
-            changed = drain.changed(), if !draining => {
-                if changed.is_err() || *drain.borrow() {
-                    draining = true;
-                    // HTTP/1.1: close after the in-flight response; HTTP/2: GOAWAY.
-                    conn.as_mut().graceful_shutdown();
-                }
+            _ = drain.wait(), if !draining => {
+                draining = true;
+                // HTTP/1.1: close after the in-flight response; HTTP/2: GOAWAY.
+                conn.as_mut().graceful_shutdown();
             }
         }
     }

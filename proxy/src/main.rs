@@ -177,6 +177,7 @@ fn real_main() -> anyhow::Result<std::process::ExitCode> {
         command_line: std::env::args().collect(),
         concurrency,
         health: registry.server_health(),
+        registry: std::sync::Arc::new(registry),
     };
     rt.block_on(server::run(bootstrap, opts))?;
     Ok(std::process::ExitCode::SUCCESS)

@@ -1,5 +1,6 @@
 //! The running proxy: the published snapshot, listener tasks, and draining on shutdown.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -11,13 +12,20 @@ use tokio::sync::watch;
 use crate::cluster::ClusterManager;
 use crate::config::{Bootstrap, NodeInfo};
 use crate::listener::ListenerConfig;
+use crate::listener_manager::ListenerManager;
+use crate::route::RouteTable;
 
-/// One immutable, consistent view of the configuration. Requests load it once.
-#[derive(Debug)]
+/// One immutable, consistent view of the configuration. Requests load it once. Every field
+/// is cheap to clone, so an update builds the next snapshot from the current one.
+#[derive(Debug, Clone)]
 pub struct Snapshot {
     pub listeners: Vec<(Arc<ListenerConfig>, SocketAddr)>,
     pub clusters: Arc<ClusterManager>,
-    pub bootstrap: serde_json::Value,
+    /// Route tables delivered by RDS, by [`crate::hcm::Routes::Rds`] key.
+    pub routes: Arc<HashMap<Arc<str>, Arc<RouteTable>>>,
+    pub bootstrap: Arc<serde_json::Value>,
+    /// What xDS delivered (versions, times, rejections), for `/config_dump`.
+    pub dynamic: Option<Arc<crate::xds::Dump>>,
     pub last_updated: SystemTime,
 }
 
@@ -31,6 +39,10 @@ pub struct Runtime {
     pub concurrency: usize,
     /// Shared with the health_check filters; toggled by `/healthcheck/fail` and `/healthcheck/ok`.
     pub health: legate_filters::ServerHealth,
+    /// Whether the initial configuration is in place (`/ready`): at once for a static
+    /// bootstrap; with xDS, once the first complete configuration is applied or
+    /// `initial_fetch_timeout` passed.
+    initialized: AtomicBool,
     draining: AtomicBool,
     drain_tx: watch::Sender<bool>,
     shutdown_tx: watch::Sender<bool>,
@@ -40,6 +52,31 @@ impl Runtime {
     /// Whether the proxy is draining.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Whether the initial configuration is in place.
+    pub fn is_initialized(&self) -> bool {
+        self.initialized.load(Ordering::Acquire)
+    }
+
+    /// Marks the initial configuration as applied.
+    pub fn set_initialized(&self) {
+        if !self.initialized.swap(true, Ordering::AcqRel) {
+            tracing::info!("initial configuration applied; ready");
+        }
+    }
+
+    /// A receiver that turns true when the proxy drains.
+    pub fn drain_signal(&self) -> watch::Receiver<bool> {
+        self.drain_tx.subscribe()
+    }
+
+    /// Publishes the next snapshot, built from the current one.
+    pub fn publish(&self, update: impl FnOnce(&mut Snapshot)) {
+        let mut next = Snapshot::clone(&self.snapshot.load());
+        update(&mut next);
+        next.last_updated = SystemTime::now();
+        self.snapshot.store(Arc::new(next));
     }
 
     /// Starts draining: listeners stop accepting and connections close gracefully.
@@ -79,30 +116,21 @@ pub struct ServeOptions {
     pub command_line: Vec<String>,
     pub concurrency: usize,
     pub health: legate_filters::ServerHealth,
+    pub registry: Arc<legate_filters::FilterRegistry>,
 }
 
 /// Binds everything, serves until a signal or `/quitquitquit`, then drains and returns.
 pub async fn run(bootstrap: Bootstrap, opts: ServeOptions) -> anyhow::Result<()> {
     let clusters = Arc::new(ClusterManager::new(bootstrap.clusters));
-    let mut bound = Vec::new();
-    for l in &bootstrap.listeners {
-        let b = crate::listener::bind(l.clone()).map_err(|e| {
-            anyhow::anyhow!("cannot bind listener {} on {}: {e}", l.name, l.address)
-        })?;
-        let addr = b.socket.local_addr()?;
-        bound.push(b);
-        tracing::info!(listener = %l.name, %addr, "listening");
-    }
-    let (drain_tx, drain_rx) = watch::channel(false);
+    let (drain_tx, _) = watch::channel(false);
     let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
     let runtime = Arc::new(Runtime {
         snapshot: ArcSwap::from_pointee(Snapshot {
-            listeners: bound
-                .iter()
-                .filter_map(|b| Some((b.config.clone(), b.socket.local_addr().ok()?)))
-                .collect(),
+            listeners: Vec::new(),
             clusters: clusters.clone(),
-            bootstrap: bootstrap.json,
+            routes: Default::default(),
+            bootstrap: Arc::new(bootstrap.json),
+            dynamic: None,
             last_updated: SystemTime::now(),
         }),
         node: bootstrap.node,
@@ -110,15 +138,20 @@ pub async fn run(bootstrap: Bootstrap, opts: ServeOptions) -> anyhow::Result<()>
         command_line: opts.command_line.clone(),
         concurrency: opts.concurrency,
         health: opts.health.clone(),
+        initialized: AtomicBool::new(bootstrap.dynamic.is_none()),
         draining: AtomicBool::new(false),
         drain_tx,
         shutdown_tx,
     });
     // Clusters initialise (first DNS answers) before listeners take traffic.
     clusters.start_dns().await;
-    for b in bound {
-        tokio::spawn(crate::listener::serve(b, runtime.clone(), drain_rx.clone()));
+    let mut listeners = ListenerManager::new(runtime.clone());
+    for l in &bootstrap.listeners {
+        listeners.upsert(l.clone()).map_err(|e| {
+            anyhow::anyhow!("cannot bind listener {} on {}: {e}", l.name, l.address)
+        })?;
     }
+    runtime.publish(|s| s.listeners = listeners.bound());
     if let Some(addr) = bootstrap.admin {
         let local = crate::admin::start(addr, runtime.clone()).await?;
         tracing::info!(%local, "admin listening");
@@ -126,6 +159,15 @@ pub async fn run(bootstrap: Bootstrap, opts: ServeOptions) -> anyhow::Result<()>
             std::fs::write(path, local.to_string())?;
         }
     }
+    // The listener manager lives as long as the listeners: here, or in the xDS client that
+    // changes them.
+    let _listeners = match bootstrap.dynamic {
+        Some(dynamic) => {
+            crate::xds::spawn(runtime.clone(), listeners, dynamic, opts.registry.clone())?;
+            None
+        }
+        None => Some(listeners),
+    };
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;

@@ -256,15 +256,27 @@ async fn wait_for_upstream(proxy: SocketAddr, host: &str, want: &str) -> Result<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_follows_the_pilot_sotw() -> Result<()> {
-    envoy_follows_the_pilot("GRPC").await
+    follows_the_pilot(ProxyKind::Envoy, "GRPC").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_follows_the_pilot_delta() -> Result<()> {
-    envoy_follows_the_pilot("DELTA_GRPC").await
+    follows_the_pilot(ProxyKind::Envoy, "DELTA_GRPC").await
 }
 
-async fn envoy_follows_the_pilot(api_type: &str) -> Result<()> {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legate_follows_the_pilot_sotw() -> Result<()> {
+    follows_the_pilot(ProxyKind::Legate, "GRPC").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legate_follows_the_pilot_delta() -> Result<()> {
+    follows_the_pilot(ProxyKind::Legate, "DELTA_GRPC").await
+}
+
+/// A sidecar (`kind`) driven by the pilot routes to the services of the mesh and follows
+/// every edit of the manifests.
+async fn follows_the_pilot(kind: ProxyKind, api_type: &str) -> Result<()> {
     let dir = TempDir::new("pilot")?;
     let mesh = dir.path().join("mesh");
     std::fs::create_dir_all(&mesh)?;
@@ -274,9 +286,9 @@ async fn envoy_follows_the_pilot(api_type: &str) -> Result<()> {
     write_manifest(&echo_yaml, &manifests(a.addr.port()))?;
 
     let pilot = Pilot::start(dir.path(), &mesh).await?;
-    let bootstrap_path = dir.path().join("envoy.yaml");
+    let bootstrap_path = dir.path().join("sidecar.yaml");
     std::fs::write(&bootstrap_path, bootstrap(pilot.xds, api_type))?;
-    let envoy = Proxy::start(ProxyKind::Envoy, &bootstrap_path, dir.path())
+    let envoy = Proxy::start(kind, &bootstrap_path, dir.path())
         .await
         .with_context(|| pilot.guard.output())?;
 
@@ -322,7 +334,7 @@ async fn envoy_follows_the_pilot(api_type: &str) -> Result<()> {
     let edited = Instant::now();
     wait_for_upstream(outbound, "echo.default.svc.cluster.local", "b").await?;
     eprintln!(
-        "{api_type}: traffic moved to the new endpoint {:?} after the edit",
+        "{kind} {api_type}: traffic moved to the new endpoint {:?} after the edit",
         edited.elapsed()
     );
     wait_for_upstream(inbound, "echo.default", "b").await?;
@@ -435,6 +447,16 @@ async fn status_of(proxy: SocketAddr, host: &str, path: &str) -> Result<u16> {
 /// A gateway Envoy (`router` role) serves the Ingress rules, and follows their edits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_envoy_serves_ingress_rules() -> Result<()> {
+    gateway_serves_ingress_rules(ProxyKind::Envoy).await
+}
+
+/// The same with Legate as the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_legate_serves_ingress_rules() -> Result<()> {
+    gateway_serves_ingress_rules(ProxyKind::Legate).await
+}
+
+async fn gateway_serves_ingress_rules(kind: ProxyKind) -> Result<()> {
     let dir = TempDir::new("pilot-gw")?;
     let mesh = dir.path().join("mesh");
     std::fs::create_dir_all(&mesh)?;
@@ -454,14 +476,15 @@ async fn gateway_envoy_serves_ingress_rules() -> Result<()> {
             r#"LEGATE_GATEWAY_HTTP_PORT: "0""#,
         ),
     )?;
-    let envoy = Proxy::start(ProxyKind::Envoy, &bootstrap_path, dir.path())
+    let envoy = Proxy::start(kind, &bootstrap_path, dir.path())
         .await
         .with_context(|| pilot.guard.output())?;
     let http = eventually("the gateway's HTTP listener", || async {
         let (_, body) = admin_get(envoy.admin, "/listeners?format=json").await?;
         Ok(parse_listeners(&body)?.get("127.0.0.1_0").copied())
     })
-    .await?;
+    .await
+    .with_context(|| envoy.output())?;
 
     eventually("/api/items routed to the echo service", || async {
         let r = send(

@@ -11,7 +11,21 @@ use legate_proto::{DynamicMessage, ReflectMessage, Value};
 
 /// Fields Legate implements, per message type.
 const SUPPORTED: &[(&str, &[&str])] = &[
-    ("envoy.config.bootstrap.v3.Bootstrap", &["node", "static_resources", "admin"]),
+    ("envoy.config.bootstrap.v3.Bootstrap", &["node", "static_resources", "dynamic_resources", "admin"]),
+    ("envoy.config.bootstrap.v3.Bootstrap.DynamicResources", &["lds_config", "cds_config", "ads_config"]),
+    ("envoy.config.core.v3.ConfigSource", &["ads", "resource_api_version", "initial_fetch_timeout"]),
+    ("envoy.config.core.v3.AggregatedConfigSource", &[]),
+    (
+        "envoy.config.core.v3.ApiConfigSource",
+        &["api_type", "transport_api_version", "grpc_services", "set_node_on_first_message_only"],
+    ),
+    ("envoy.config.core.v3.GrpcService", &["envoy_grpc"]),
+    ("envoy.config.core.v3.GrpcService.EnvoyGrpc", &["cluster_name"]),
+    ("envoy.config.cluster.v3.Cluster.EdsClusterConfig", &["eds_config", "service_name"]),
+    (
+        "envoy.extensions.filters.network.http_connection_manager.v3.Rds",
+        &["config_source", "route_config_name"],
+    ),
     ("envoy.config.bootstrap.v3.Bootstrap.StaticResources", &["listeners", "clusters"]),
     ("envoy.config.bootstrap.v3.Admin", &["address", "access_log", "access_log_path"]),
     ("envoy.config.core.v3.Node", &["id", "cluster", "metadata", "locality"]),
@@ -79,6 +93,7 @@ const SUPPORTED: &[(&str, &[&str])] = &[
             "codec_type",
             "stat_prefix",
             "route_config",
+            "rds",
             "http_filters",
             "stream_idle_timeout",
             "request_timeout",
@@ -98,6 +113,7 @@ const SUPPORTED: &[(&str, &[&str])] = &[
             "drain_timeout",
             "normalize_path",
             "merge_slashes",
+            "strip_any_host_port",
         ],
     ),
     (
@@ -260,6 +276,7 @@ const SUPPORTED: &[(&str, &[&str])] = &[
         &[
             "name",
             "type",
+            "eds_cluster_config",
             "connect_timeout",
             "lb_policy",
             "load_assignment",

@@ -27,6 +27,7 @@ pub(crate) fn cluster(cx: &mut Ctx<'_>, c: &cl::Cluster, path: &str) -> Option<C
         Some(CDT::Type(0)) | None => Discovery::Static,
         Some(CDT::Type(1)) => Discovery::StrictDns,
         Some(CDT::Type(2)) => Discovery::LogicalDns,
+        Some(CDT::Type(3)) => Discovery::Eds,
         Some(CDT::Type(t)) => {
             cx.err(
                 &format!("{path}.type"),
@@ -83,77 +84,31 @@ pub(crate) fn cluster(cx: &mut Ctx<'_>, c: &cl::Cluster, path: &str) -> Option<C
             return None;
         }
     };
-    let mut localities = Vec::new();
-    if let Some(la) = &c.load_assignment {
-        for (i, l) in la.endpoints.iter().enumerate() {
-            let lp = format!("{path}.load_assignment.endpoints[{i}]");
-            let mut endpoints = Vec::new();
-            for (j, e) in l.lb_endpoints.iter().enumerate() {
-                let ep = format!("{lp}.lb_endpoints[{j}]");
-                use legate_proto::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier as HI;
-                let Some(HI::Endpoint(endpoint)) = &e.host_identifier else {
-                    cx.err(&format!("{ep}.endpoint"), "required");
-                    continue;
-                };
-                use legate_proto::pb::envoy::config::core::v3::address::Address as A;
-                use legate_proto::pb::envoy::config::core::v3::socket_address::PortSpecifier as PS;
-                let Some(A::SocketAddress(sa)) =
-                    endpoint.address.as_ref().and_then(|a| a.address.as_ref())
-                else {
-                    cx.err(
-                        &format!("{ep}.endpoint.address"),
-                        "a socket_address is required",
-                    );
-                    continue;
-                };
-                let Some(PS::PortValue(port)) = sa.port_specifier else {
-                    cx.err(
-                        &format!("{ep}.endpoint.address.socket_address.port_value"),
-                        "required",
-                    );
-                    continue;
-                };
-                let Ok(port) = u16::try_from(port) else {
-                    cx.err(
-                        &format!("{ep}.endpoint.address.socket_address.port_value"),
-                        "not a port",
-                    );
-                    continue;
-                };
-                let host = sa
-                    .address
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .to_owned();
-                if discovery == Discovery::Static && host.parse::<std::net::IpAddr>().is_err() {
-                    cx.err(
-                        &format!("{ep}.endpoint.address.socket_address.address"),
-                        format!("{host:?} is not an IP address (a STATIC cluster needs IPs)"),
-                    );
-                    continue;
-                }
-                endpoints.push(EndpointConfig {
-                    hostname: if endpoint.hostname.is_empty() {
-                        host.clone()
-                    } else {
-                        endpoint.hostname.clone()
-                    },
-                    host,
-                    port,
-                    weight: e.load_balancing_weight.map_or(1, |v| v.value).max(1),
-                });
-            }
-            localities.push(LocalityConfig {
-                zone: l
-                    .locality
-                    .as_ref()
-                    .map(|l| l.zone.clone())
-                    .unwrap_or_default(),
-                priority: l.priority,
-                endpoints,
-            });
+    let localities = match &c.load_assignment {
+        Some(la) => localities(cx, la, &format!("{path}.load_assignment"), discovery),
+        None => Vec::new(),
+    };
+    let eds_service_name = if discovery == Discovery::Eds {
+        let eds = c.eds_cluster_config.as_ref();
+        super::dynamic::ads_source(
+            cx,
+            eds.and_then(|e| e.eds_config.as_ref()),
+            &format!("{path}.eds_cluster_config.eds_config"),
+        );
+        Some(
+            eds.map(|e| e.service_name.clone())
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| c.name.clone()),
+        )
+    } else {
+        if c.eds_cluster_config.is_some() {
+            cx.err(
+                &format!("{path}.eds_cluster_config"),
+                "only an EDS cluster takes eds_cluster_config",
+            );
         }
-    }
+        None
+    };
     if discovery == Discovery::LogicalDns
         && localities.iter().map(|l| l.endpoints.len()).sum::<usize>() != 1
     {
@@ -225,6 +180,7 @@ pub(crate) fn cluster(cx: &mut Ctx<'_>, c: &cl::Cluster, path: &str) -> Option<C
     Some(ClusterConfig {
         name: c.name.clone(),
         discovery,
+        eds_service_name,
         connect_timeout: c
             .connect_timeout
             .as_ref()
@@ -304,4 +260,86 @@ fn upstream_tls(
             None
         }
     }
+}
+
+/// A `ClusterLoadAssignment`'s endpoints by locality. Endpoints whose `health_status` is
+/// `UNHEALTHY`, `DRAINING` or `TIMEOUT` take no traffic and are left out.
+pub(crate) fn localities(
+    cx: &mut Ctx<'_>,
+    la: &legate_proto::pb::envoy::config::endpoint::v3::ClusterLoadAssignment,
+    path: &str,
+    discovery: Discovery,
+) -> Vec<LocalityConfig> {
+    let mut localities = Vec::new();
+    for (i, l) in la.endpoints.iter().enumerate() {
+        let lp = format!("{path}.endpoints[{i}]");
+        let mut endpoints = Vec::new();
+        for (j, e) in l.lb_endpoints.iter().enumerate() {
+            let ep = format!("{lp}.lb_endpoints[{j}]");
+            use legate_proto::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier as HI;
+            let Some(HI::Endpoint(endpoint)) = &e.host_identifier else {
+                cx.err(&format!("{ep}.endpoint"), "required");
+                continue;
+            };
+            use legate_proto::pb::envoy::config::core::v3::address::Address as A;
+            use legate_proto::pb::envoy::config::core::v3::socket_address::PortSpecifier as PS;
+            let Some(A::SocketAddress(sa)) =
+                endpoint.address.as_ref().and_then(|a| a.address.as_ref())
+            else {
+                cx.err(
+                    &format!("{ep}.endpoint.address"),
+                    "a socket_address is required",
+                );
+                continue;
+            };
+            let Some(PS::PortValue(port)) = sa.port_specifier else {
+                cx.err(
+                    &format!("{ep}.endpoint.address.socket_address.port_value"),
+                    "required",
+                );
+                continue;
+            };
+            let Ok(port) = u16::try_from(port) else {
+                cx.err(
+                    &format!("{ep}.endpoint.address.socket_address.port_value"),
+                    "not a port",
+                );
+                continue;
+            };
+            let host = sa
+                .address
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            if matches!(discovery, Discovery::Static | Discovery::Eds)
+                && host.parse::<std::net::IpAddr>().is_err()
+            {
+                cx.err(
+                    &format!("{ep}.endpoint.address.socket_address.address"),
+                    format!("{host:?} is not an IP address (a STATIC cluster needs IPs)"),
+                );
+                continue;
+            }
+            endpoints.push(EndpointConfig {
+                hostname: if endpoint.hostname.is_empty() {
+                    host.clone()
+                } else {
+                    endpoint.hostname.clone()
+                },
+                host,
+                port,
+                weight: e.load_balancing_weight.map_or(1, |v| v.value).max(1),
+            });
+        }
+        localities.push(LocalityConfig {
+            zone: l
+                .locality
+                .as_ref()
+                .map(|l| l.zone.clone())
+                .unwrap_or_default(),
+            priority: l.priority,
+            endpoints,
+        });
+    }
+    localities
 }

@@ -13,7 +13,7 @@ use prost::Message;
 
 use super::{duration, socket_address, Ctx};
 use crate::accesslog::{AccessLog, Format, LogFormat, DEFAULT_FORMAT};
-use crate::hcm::{Codec, HcmConfig, HcmFilter, ServerHeader};
+use crate::hcm::{Codec, HcmConfig, HcmFilter, Routes, ServerHeader};
 use crate::listener::{ChainMatch, DownstreamTls, FilterChain, ListenerConfig};
 use crate::tls::{SanMatcher, SanType, ServerTlsSpec};
 
@@ -485,13 +485,33 @@ fn http_connection_manager(
         .map(|f: &HcmFilter| (f.name.clone(), f.type_url.clone()))
         .collect();
     let routes = match &h.route_specifier {
-        Some(RS::RouteConfig(rc)) => {
-            super::route::route_table(cx, rc, &format!("{path}.route_config"))
+        Some(RS::RouteConfig(rc)) => Routes::Static(Arc::new(super::route::route_table(
+            cx,
+            rc,
+            &format!("{path}.route_config"),
+        ))),
+        Some(RS::Rds(rds)) => {
+            super::dynamic::ads_source(
+                cx,
+                rds.config_source.as_ref(),
+                &format!("{path}.rds.config_source"),
+            );
+            if rds.route_config_name.is_empty() {
+                cx.err(&format!("{path}.rds.route_config_name"), "required");
+                return None;
+            }
+            let r = super::RdsRef::new(&rds.route_config_name, &cx.http_filters);
+            let routes = Routes::Rds {
+                name: r.name.clone(),
+                key: r.key.clone(),
+            };
+            cx.rds_refs.push(r);
+            routes
         }
         _ => {
             cx.err(
                 path,
-                "an inline route_config is required (rds arrives with xDS)",
+                "route_config or rds is required (scoped routes are not supported)",
             );
             return None;
         }
@@ -552,7 +572,7 @@ fn http_connection_manager(
     Some(HcmConfig {
         stat_prefix: h.stat_prefix.clone(),
         codec,
-        routes: Arc::new(routes),
+        routes,
         filters,
         router,
         stream_idle_timeout: opt(
@@ -575,6 +595,10 @@ fn http_connection_manager(
         server_header,
         access_logs: access_logs(cx, &h.access_log, &format!("{path}.access_log")).into(),
         websocket,
+        strip_any_host_port: matches!(
+            h.strip_port_mode,
+            Some(hcmpb::http_connection_manager::StripPortMode::StripAnyHostPort(true))
+        ),
         h2_max_concurrent_streams: h
             .http2_protocol_options
             .as_ref()

@@ -9,6 +9,7 @@
 
 mod check;
 mod cluster;
+mod dynamic;
 mod listener;
 mod route;
 
@@ -21,6 +22,10 @@ use legate_proto::pb::envoy::config::bootstrap::v3 as bs;
 use legate_proto::pb::envoy::config::core::v3 as core;
 
 pub use check::Issue;
+pub use dynamic::{
+    decode_cla, decode_cluster, decode_listener, decode_route, resource_name, AdsProtocol,
+    DynamicConfig,
+};
 
 use crate::cluster::ClusterConfig;
 use crate::listener::ListenerConfig;
@@ -44,6 +49,36 @@ pub enum ConfigError {
 pub struct NodeInfo {
     pub id: String,
     pub cluster: String,
+    /// The whole `node` (metadata, locality), as sent to the management server.
+    pub node: core::Node,
+}
+
+/// A connection manager's reference to a route configuration delivered by RDS. Per-filter
+/// route configuration is built by the manager's own filters, so a route configuration is
+/// compiled once per distinct filter list that uses it; `key` names that compilation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RdsRef {
+    pub name: String,
+    pub key: Arc<str>,
+    /// The manager's HTTP filters: (name in `http_filters`, type URL).
+    pub filters: Vec<(String, String)>,
+}
+
+impl RdsRef {
+    pub(crate) fn new(name: &str, filters: &[(String, String)]) -> Self {
+        let mut key = name.to_owned();
+        for (n, t) in filters {
+            key.push('\0');
+            key.push_str(n);
+            key.push('=');
+            key.push_str(t);
+        }
+        Self {
+            name: name.to_owned(),
+            key: key.into(),
+            filters: filters.to_vec(),
+        }
+    }
 }
 
 /// A validated bootstrap.
@@ -53,6 +88,8 @@ pub struct Bootstrap {
     pub admin: Option<SocketAddr>,
     pub listeners: Vec<Arc<ListenerConfig>>,
     pub clusters: Vec<ClusterConfig>,
+    /// `dynamic_resources`, when configuration comes over xDS.
+    pub dynamic: Option<DynamicConfig>,
     /// The bootstrap as decoded, in Envoy's JSON shape, for `/config_dump`.
     pub json: serde_json::Value,
     pub warnings: Vec<Issue>,
@@ -66,6 +103,8 @@ pub(crate) struct Ctx<'a> {
     /// The HTTP filters (name, type URL) of the connection manager being converted, for
     /// `typed_per_filter_config`.
     http_filters: Vec<(String, String)>,
+    /// Route configurations named by `rds` in the listeners converted.
+    rds_refs: Vec<RdsRef>,
     registry: &'a FilterRegistry,
 }
 
@@ -190,6 +229,7 @@ pub fn load_json(
         errors: Vec::new(),
         cluster_refs: Vec::new(),
         http_filters: Vec::new(),
+        rds_refs: Vec::new(),
         registry,
     };
     let node = typed
@@ -198,8 +238,13 @@ pub fn load_json(
         .map(|n| NodeInfo {
             id: n.id.clone(),
             cluster: n.cluster.clone(),
+            node: n.clone(),
         })
         .unwrap_or_default();
+    let dynamic = typed
+        .dynamic_resources
+        .as_ref()
+        .and_then(|d| dynamic::dynamic_resources(&mut cx, d, "dynamic_resources"));
     let admin = typed
         .admin
         .as_ref()
@@ -237,6 +282,35 @@ pub fn load_json(
             }
         }
     }
+    if let Some(d) = &dynamic {
+        if !clusters.iter().any(|c| c.name == d.ads_cluster) {
+            cx.err(
+                "dynamic_resources.ads_config.grpc_services[0].envoy_grpc.cluster_name",
+                format!(
+                    "unknown cluster '{}' (it must be a static cluster)",
+                    d.ads_cluster
+                ),
+            );
+        }
+    }
+    if dynamic.is_none() {
+        if let Some(c) = clusters.iter().find(|c| c.eds_service_name.is_some()) {
+            cx.err(
+                "static_resources.clusters",
+                format!(
+                    "EDS cluster '{}' needs dynamic_resources.ads_config",
+                    c.name
+                ),
+            );
+        }
+        if !cx.rds_refs.is_empty() {
+            cx.err(
+                "static_resources.listeners",
+                "rds needs dynamic_resources.ads_config",
+            );
+        }
+    }
+    let static_rds = std::mem::take(&mut cx.rds_refs);
     for (path, name) in std::mem::take(&mut cx.cluster_refs) {
         if !clusters.iter().any(|c| c.name == name) {
             cx.err(&path, format!("route references unknown cluster '{name}' (set validate_clusters: false to allow it)"));
@@ -250,6 +324,10 @@ pub fn load_json(
         admin,
         listeners,
         clusters,
+        dynamic: dynamic.map(|mut d| {
+            d.static_rds = static_rds;
+            d
+        }),
         json: dump,
         warnings,
     })
