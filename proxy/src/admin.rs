@@ -143,7 +143,12 @@ fn handle(rt: &Arc<Runtime>, req: Request<Incoming>) -> Response<Full<Bytes>> {
         (_, "/stats/prometheus") => text(StatusCode::OK, render_prometheus(&collect_stats(rt))),
         (_, "/clusters") => clusters(rt, json_format),
         (_, "/listeners") => listeners(rt, json_format),
-        (_, "/config_dump") => as_json(&config_dump(rt)),
+        (_, "/config_dump") => as_json(&config_dump(
+            rt,
+            query
+                .split('&')
+                .any(|kv| kv == "include_eds" || kv == "include_eds=true"),
+        )),
         (&Method::POST, "/quitquitquit") => {
             rt.quit();
             text(StatusCode::OK, "OK\n")
@@ -173,6 +178,13 @@ fn handle(rt: &Arc<Runtime>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
+/// Whether a cluster came over xDS rather than from the bootstrap.
+fn added_via_api(snap: &crate::server::Snapshot, name: &str) -> bool {
+    !snap.bootstrap["static_resources"]["clusters"]
+        .as_array()
+        .is_some_and(|cs| cs.iter().any(|c| c["name"] == name))
+}
+
 fn clusters(rt: &Runtime, json_format: bool) -> Response<Full<Bytes>> {
     let snap = rt.snapshot.load();
     if json_format {
@@ -195,7 +207,7 @@ fn clusters(rt: &Runtime, json_format: bool) -> Response<Full<Bytes>> {
                         "health_status": {"eds_health_status": "HEALTHY"}
                     }))
                     .collect();
-                json!({"name": c.config.name, "added_via_api": false, "host_statuses": hosts})
+                json!({"name": c.config.name, "added_via_api": added_via_api(&snap, &c.config.name), "host_statuses": hosts})
             })
             .collect();
         return as_json(&json!({"cluster_statuses": statuses}));
@@ -203,7 +215,10 @@ fn clusters(rt: &Runtime, json_format: bool) -> Response<Full<Bytes>> {
     let mut out = String::new();
     for c in snap.clusters.all() {
         let n = &c.config.name;
-        out.push_str(&format!("{n}::added_via_api::false\n"));
+        out.push_str(&format!(
+            "{n}::added_via_api::{}\n",
+            added_via_api(&snap, n)
+        ));
         for h in c.balancer().hosts() {
             let a = h.address;
             out.push_str(&format!(
@@ -240,7 +255,8 @@ fn timestamp(t: std::time::SystemTime) -> String {
     crate::accesslog::format_time(t)
 }
 
-fn config_dump(rt: &Runtime) -> serde_json::Value {
+fn config_dump(rt: &Runtime, include_eds: bool) -> serde_json::Value {
+    use crate::xds::Kind;
     let snap = rt.snapshot.load();
     let updated = timestamp(snap.last_updated);
     let _ = UNIX_EPOCH;
@@ -261,9 +277,35 @@ fn config_dump(rt: &Runtime) -> serde_json::Value {
                 .collect()
         })
         .unwrap_or_default();
-    json!({"configs": [
-        {"@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump", "bootstrap": &*snap.bootstrap, "last_updated": updated},
-        {"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "static_clusters": clusters},
-        {"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "static_listeners": listeners},
-    ]})
+    let mut cds = json!({"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "static_clusters": clusters});
+    let mut lds = json!({"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "static_listeners": listeners});
+    let mut configs = vec![
+        json!({"@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump", "bootstrap": &*snap.bootstrap, "last_updated": updated}),
+    ];
+    if let Some(d) = &snap.dynamic {
+        let merge = |target: &mut serde_json::Value, extra: serde_json::Value| {
+            if let (Some(t), serde_json::Value::Object(e)) = (target.as_object_mut(), extra) {
+                t.extend(e);
+            }
+        };
+        merge(&mut cds, d.json(Kind::Cluster, timestamp));
+        merge(&mut cds, json!({"version_info": d.version(Kind::Cluster)}));
+        merge(&mut lds, d.json(Kind::Listener, timestamp));
+        merge(&mut lds, json!({"version_info": d.version(Kind::Listener)}));
+        configs.push(cds);
+        configs.push(lds);
+        let mut rds = json!({"@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump"});
+        merge(&mut rds, d.json(Kind::Route, timestamp));
+        configs.push(rds);
+        if include_eds {
+            let mut eds =
+                json!({"@type": "type.googleapis.com/envoy.admin.v3.EndpointsConfigDump"});
+            merge(&mut eds, d.json(Kind::Endpoints, timestamp));
+            configs.push(eds);
+        }
+    } else {
+        configs.push(cds);
+        configs.push(lds);
+    }
+    json!({ "configs": configs })
 }

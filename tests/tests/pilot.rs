@@ -403,7 +403,50 @@ async fn follows_the_pilot(kind: ProxyKind, api_type: &str) -> Result<()> {
         assert!(status["nack"].is_null(), "{t}: {syncz}");
     }
 
-    // Pushes are counted; Envoy never NACKed.
+    // /config_dump shows each dynamic resource with its version and update time.
+    let (_, dump) = admin_get(envoy.admin, "/config_dump").await?;
+    let dump: serde_json::Value = serde_json::from_str(&dump)?;
+    let configs = dump["configs"].as_array().cloned().unwrap_or_default();
+    let of = |t: &str| {
+        configs
+            .iter()
+            .find(|c| c["@type"] == format!("type.googleapis.com/envoy.admin.v3.{t}"))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let cds = of("ClustersConfigDump");
+    let echo = cds["dynamic_active_clusters"]
+        .as_array()
+        .and_then(|cs| {
+            cs.iter()
+                .find(|c| c["cluster"]["name"] == "outbound|80||echo.default.svc.cluster.local")
+        })
+        .cloned()
+        .with_context(|| format!("{kind}: no dynamic echo cluster in {cds}"))?;
+    assert!(
+        echo["version_info"].as_str().is_some_and(|v| !v.is_empty()),
+        "{echo}"
+    );
+    assert!(echo["last_updated"].is_string(), "{echo}");
+    let lds = of("ListenersConfigDump");
+    let outbound_dump = lds["dynamic_listeners"]
+        .as_array()
+        .and_then(|ls| ls.iter().find(|l| l["name"] == "virtualOutbound"))
+        .cloned()
+        .with_context(|| format!("{kind}: no virtualOutbound in {lds}"))?;
+    assert!(
+        outbound_dump["active_state"]["version_info"].is_string(),
+        "{outbound_dump}"
+    );
+    let rds = of("RoutesConfigDump");
+    assert!(
+        rds["dynamic_route_configs"]
+            .as_array()
+            .is_some_and(|r| !r.is_empty()),
+        "{kind}: {rds}"
+    );
+
+    // Pushes are counted; the proxy never NACKed.
     assert!(pilot.metric("pilot_xds_pushes_total{type=\"eds\"}").await? >= 2.0);
     assert_eq!(pilot.metric("pilot_xds_connected_proxies").await?, 1.0);
     for t in ["cds", "eds", "lds", "rds"] {
