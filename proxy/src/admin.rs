@@ -297,6 +297,9 @@ fn config_dump(rt: &Runtime, include_eds: bool) -> serde_json::Value {
         let mut rds = json!({"@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump"});
         merge(&mut rds, d.json(Kind::Route, timestamp));
         configs.push(rds);
+        let mut sds = json!({"@type": "type.googleapis.com/envoy.admin.v3.SecretsConfigDump"});
+        merge(&mut sds, d.json(Kind::Secret, timestamp));
+        configs.push(sds);
         if include_eds {
             let mut eds =
                 json!({"@type": "type.googleapis.com/envoy.admin.v3.EndpointsConfigDump"});

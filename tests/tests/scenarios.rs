@@ -79,6 +79,7 @@ scenarios! {
     tls_mtls_san_match,
     tls_server_names,
     tls_server_names_default_chain,
+    tls_static_secrets,
     unknown_cluster,
     upstream_connect_failure,
     upstream_http2,

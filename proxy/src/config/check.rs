@@ -26,7 +26,16 @@ const SUPPORTED: &[(&str, &[&str])] = &[
         "envoy.extensions.filters.network.http_connection_manager.v3.Rds",
         &["config_source", "route_config_name"],
     ),
-    ("envoy.config.bootstrap.v3.Bootstrap.StaticResources", &["listeners", "clusters"]),
+    ("envoy.config.bootstrap.v3.Bootstrap.StaticResources", &["listeners", "clusters", "secrets"]),
+    (
+        "envoy.extensions.transport_sockets.tls.v3.Secret",
+        &["name", "tls_certificate", "validation_context"],
+    ),
+    ("envoy.extensions.transport_sockets.tls.v3.SdsSecretConfig", &["name", "sds_config"]),
+    (
+        "envoy.extensions.transport_sockets.tls.v3.CommonTlsContext.CombinedCertificateValidationContext",
+        &["default_validation_context", "validation_context_sds_secret_config"],
+    ),
     ("envoy.config.bootstrap.v3.Admin", &["address", "access_log", "access_log_path"]),
     ("envoy.config.core.v3.Node", &["id", "cluster", "metadata", "locality"]),
     ("envoy.config.core.v3.Locality", &["region", "zone", "sub_zone"]),
@@ -68,7 +77,15 @@ const SUPPORTED: &[(&str, &[&str])] = &[
     ),
     (
         "envoy.extensions.transport_sockets.tls.v3.CommonTlsContext",
-        &["tls_certificates", "validation_context", "alpn_protocols", "tls_params"],
+        &[
+            "tls_certificates",
+            "tls_certificate_sds_secret_configs",
+            "validation_context",
+            "validation_context_sds_secret_config",
+            "combined_validation_context",
+            "alpn_protocols",
+            "tls_params",
+        ],
     ),
     (
         "envoy.extensions.transport_sockets.tls.v3.TlsParameters",

@@ -14,7 +14,9 @@ use legate_proto::pb::envoy::config::route::v3 as rt;
 use legate_proto::pb::google::protobuf::Any;
 use prost::Message;
 
-use super::{duration, Ctx, RdsRef};
+use legate_proto::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
+
+use super::{duration, Ctx, RdsRef, Secrets};
 use crate::cluster::{ClusterConfig, Discovery, LocalityConfig};
 use crate::listener::ListenerConfig;
 use crate::route::RouteTable;
@@ -23,6 +25,7 @@ pub const LISTENER: &str = "envoy.config.listener.v3.Listener";
 pub const CLUSTER: &str = "envoy.config.cluster.v3.Cluster";
 pub const ROUTE: &str = "envoy.config.route.v3.RouteConfiguration";
 pub const ENDPOINTS: &str = "envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const SECRET: &str = "envoy.extensions.transport_sockets.tls.v3.Secret";
 
 /// The ADS flavour (`ads_config.api_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,14 +177,26 @@ pub fn resource_name(type_name: &str, any: &Any) -> Result<String, String> {
     Ok(name)
 }
 
+/// A converted resource and what it names.
+#[derive(Debug)]
+pub struct Decoded<T> {
+    /// `None` while a secret it names has not arrived.
+    pub value: Option<T>,
+    /// Route configurations it names (`rds`).
+    pub rds: Vec<RdsRef>,
+    /// Secrets it names through SDS.
+    pub sds: Vec<String>,
+}
+
 /// Decodes, checks and converts one resource.
 fn convert<T: Message + Default, R>(
     registry: &FilterRegistry,
+    secrets: &Secrets,
     any: &Any,
     type_name: &str,
     http_filters: &[(String, String)],
     f: impl FnOnce(&mut Ctx<'_>, &T) -> Option<R>,
-) -> Result<(R, Vec<RdsRef>), String> {
+) -> Result<Decoded<R>, String> {
     let got = legate_proto::type_name_of(&any.type_url);
     if got != type_name {
         return Err(format!("expected {type_name}, got {}", any.type_url));
@@ -196,7 +211,14 @@ fn convert<T: Message + Default, R>(
     let joined = |errors: &[super::Issue]| {
         errors
             .iter()
-            .map(ToString::to_string)
+            .map(|i| {
+                let path = i.path.trim_start_matches('.');
+                if path.is_empty() {
+                    i.message.clone()
+                } else {
+                    format!("{path}: {}", i.message)
+                }
+            })
             .collect::<Vec<_>>()
             .join("; ")
     };
@@ -209,32 +231,65 @@ fn convert<T: Message + Default, R>(
         cluster_refs: Vec::new(),
         http_filters: http_filters.to_vec(),
         rds_refs: Vec::new(),
+        secrets,
+        sds_refs: Vec::new(),
+        missing_secrets: Vec::new(),
         registry,
     };
     let out = f(&mut cx, &typed);
+    if !cx.errors.is_empty() {
+        return Err(joined(&cx.errors));
+    }
+    let mut sds = cx.sds_refs;
+    sds.sort();
+    sds.dedup();
+    if !cx.missing_secrets.is_empty() {
+        return Ok(Decoded {
+            value: None,
+            rds: cx.rds_refs,
+            sds,
+        });
+    }
     match out {
-        Some(r) if cx.errors.is_empty() => Ok((r, cx.rds_refs)),
-        _ if !cx.errors.is_empty() => Err(joined(&cx.errors)),
-        _ => Err("invalid resource".into()),
+        Some(value) => Ok(Decoded {
+            value: Some(value),
+            rds: cx.rds_refs,
+            sds,
+        }),
+        None => Err("invalid resource".into()),
     }
 }
 
-/// A `Listener` from LDS, with the route configurations its connection managers name.
+/// A `Listener` from LDS, with the route configurations and secrets it names.
 pub fn decode_listener(
     registry: &FilterRegistry,
+    secrets: &Secrets,
     any: &Any,
-) -> Result<(ListenerConfig, Vec<RdsRef>), String> {
-    convert(registry, any, LISTENER, &[], |cx, l: &lis::Listener| {
-        super::listener::listener(cx, l, "")
-    })
+) -> Result<Decoded<ListenerConfig>, String> {
+    convert(
+        registry,
+        secrets,
+        any,
+        LISTENER,
+        &[],
+        |cx, l: &lis::Listener| super::listener::listener(cx, l, ""),
+    )
 }
 
-/// A `Cluster` from CDS.
-pub fn decode_cluster(registry: &FilterRegistry, any: &Any) -> Result<ClusterConfig, String> {
-    convert(registry, any, CLUSTER, &[], |cx, c: &cl::Cluster| {
-        super::cluster::cluster(cx, c, "")
-    })
-    .map(|(c, _)| c)
+/// A `Cluster` from CDS, with the secrets it names.
+pub fn decode_cluster(
+    registry: &FilterRegistry,
+    secrets: &Secrets,
+    any: &Any,
+) -> Result<Decoded<ClusterConfig>, String> {
+    convert(
+        registry,
+        secrets,
+        any,
+        CLUSTER,
+        &[],
+        |cx, c: &cl::Cluster| super::cluster::cluster(cx, c, ""),
+    )
 }
 
 /// A `RouteConfiguration` from RDS, compiled for a connection manager's filters. Routes
@@ -245,8 +300,9 @@ pub fn decode_route(
     any: &Any,
     http_filters: &[(String, String)],
 ) -> Result<RouteTable, String> {
-    convert(
+    let d = convert(
         registry,
+        &Secrets::new(),
         any,
         ROUTE,
         http_filters,
@@ -255,8 +311,8 @@ pub fn decode_route(
             cx.cluster_refs.clear();
             Some(t)
         },
-    )
-    .map(|(t, _)| t)
+    )?;
+    d.value.ok_or_else(|| "invalid resource".into())
 }
 
 /// A `ClusterLoadAssignment` from EDS: its cluster (service) name and endpoints.
@@ -264,8 +320,9 @@ pub fn decode_cla(
     registry: &FilterRegistry,
     any: &Any,
 ) -> Result<(String, Vec<LocalityConfig>), String> {
-    convert(
+    let d = convert(
         registry,
+        &Secrets::new(),
         any,
         ENDPOINTS,
         &[],
@@ -275,6 +332,30 @@ pub fn decode_cla(
                 super::cluster::localities(cx, la, "", Discovery::Eds),
             ))
         },
-    )
-    .map(|(r, _)| r)
+    )?;
+    d.value.ok_or_else(|| "invalid resource".into())
+}
+
+/// A `Secret` from SDS: a TLS certificate or a validation context. Its data sources are
+/// read when a TLS context uses it.
+pub fn decode_secret(registry: &FilterRegistry, any: &Any) -> Result<Secret, String> {
+    use legate_proto::pb::envoy::extensions::transport_sockets::tls::v3::secret::Type as T;
+    let d = convert(
+        registry,
+        &Secrets::new(),
+        any,
+        SECRET,
+        &[],
+        |cx, s: &Secret| match &s.r#type {
+            Some(T::TlsCertificate(_) | T::ValidationContext(_)) => Some(s.clone()),
+            _ => {
+                cx.err(
+                    "",
+                    "only tls_certificate and validation_context secrets are supported",
+                );
+                None
+            }
+        },
+    )?;
+    d.value.ok_or_else(|| "invalid resource".into())
 }

@@ -160,7 +160,65 @@ fn san_matchers(
     out
 }
 
-/// The validation context of a common TLS context, if any.
+/// The secret an `SdsSecretConfig` names, if it has arrived. A name without `sds_config`
+/// refers to `static_resources.secrets`; with one, to SDS over ADS.
+fn sds_secret(cx: &mut Ctx<'_>, sds: &tlspb::SdsSecretConfig, path: &str) -> Option<tlspb::Secret> {
+    if sds.name.is_empty() {
+        cx.err(&format!("{path}.name"), "required");
+        return None;
+    }
+    if sds.sds_config.is_some() {
+        super::dynamic::ads_source(cx, sds.sds_config.as_ref(), &format!("{path}.sds_config"));
+        cx.sds_refs.push(sds.name.clone());
+    }
+    match cx.secrets.get(&sds.name) {
+        Some(s) => Some(s.clone()),
+        None => {
+            cx.missing_secrets.push(sds.name.clone());
+            None
+        }
+    }
+}
+
+/// A validation context's trusted CA and SAN matchers.
+fn validation_context(
+    cx: &mut Ctx<'_>,
+    v: &tlspb::CertificateValidationContext,
+    path: &str,
+) -> (Option<Vec<u8>>, Vec<SanMatcher>) {
+    let ca = v
+        .trusted_ca
+        .as_ref()
+        .and_then(|ds| cx.data_source(ds, &format!("{path}.trusted_ca")));
+    let sans = san_matchers(cx, v, path);
+    (ca, sans)
+}
+
+/// The validation context a secret holds.
+fn secret_validation(
+    cx: &mut Ctx<'_>,
+    sds: &tlspb::SdsSecretConfig,
+    path: &str,
+) -> Option<(Option<Vec<u8>>, Vec<SanMatcher>)> {
+    use tlspb::secret::Type as T;
+    match sds_secret(cx, sds, path)?.r#type {
+        Some(T::ValidationContext(v)) => Some(validation_context(
+            cx,
+            &v,
+            &format!("secret '{}'.validation_context", sds.name),
+        )),
+        _ => {
+            cx.err(
+                path,
+                format!("secret '{}' is not a validation context", sds.name),
+            );
+            None
+        }
+    }
+}
+
+/// The validation context of a common TLS context, if any: inline, from a secret, or both
+/// combined (the secret's CA and SAN matchers added to the inline ones).
 pub(crate) fn validation(
     cx: &mut Ctx<'_>,
     common: &tlspb::CommonTlsContext,
@@ -169,16 +227,36 @@ pub(crate) fn validation(
     use tlspb::common_tls_context::ValidationContextType as V;
     match &common.validation_context_type {
         Some(V::ValidationContext(v)) => {
-            let ca = v.trusted_ca.as_ref().and_then(|ds| {
-                cx.data_source(ds, &format!("{path}.validation_context.trusted_ca"))
-            });
-            let sans = san_matchers(cx, v, &format!("{path}.validation_context"));
+            validation_context(cx, v, &format!("{path}.validation_context"))
+        }
+        Some(V::ValidationContextSdsSecretConfig(sds)) => secret_validation(
+            cx,
+            sds,
+            &format!("{path}.validation_context_sds_secret_config"),
+        )
+        .unwrap_or_default(),
+        Some(V::CombinedValidationContext(c)) => {
+            let p = format!("{path}.combined_validation_context");
+            let (mut ca, mut sans) = match &c.default_validation_context {
+                Some(v) => validation_context(cx, v, &format!("{p}.default_validation_context")),
+                None => (None, Vec::new()),
+            };
+            if let Some(sds) = &c.validation_context_sds_secret_config {
+                if let Some((sca, ssans)) = secret_validation(
+                    cx,
+                    sds,
+                    &format!("{p}.validation_context_sds_secret_config"),
+                ) {
+                    ca = sca.or(ca);
+                    sans.extend(ssans);
+                }
+            }
             (ca, sans)
         }
         Some(_) => {
             cx.err(
                 &format!("{path}.validation_context_type"),
-                "only an inline validation_context is supported",
+                "only validation_context, validation_context_sds_secret_config and combined_validation_context are supported",
             );
             (None, Vec::new())
         }
@@ -186,27 +264,53 @@ pub(crate) fn validation(
     }
 }
 
+fn tls_certificate(
+    cx: &mut Ctx<'_>,
+    c: &tlspb::TlsCertificate,
+    p: &str,
+) -> Option<(Vec<u8>, Vec<u8>)> {
+    let chain = c
+        .certificate_chain
+        .as_ref()
+        .and_then(|d| cx.data_source(d, &format!("{p}.certificate_chain")));
+    let key = c
+        .private_key
+        .as_ref()
+        .and_then(|d| cx.data_source(d, &format!("{p}.private_key")));
+    match (chain, key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        _ => {
+            cx.err(p, "certificate_chain and private_key are required");
+            None
+        }
+    }
+}
+
+/// The certificate of a common TLS context: inline, or from a secret. `None` without one
+/// (or while its secret has not arrived: see `Ctx::missing_secrets`).
 pub(crate) fn certificate(
     cx: &mut Ctx<'_>,
     common: &tlspb::CommonTlsContext,
     path: &str,
 ) -> Option<(Vec<u8>, Vec<u8>)> {
-    match common.tls_certificates.as_slice() {
-        [] => None,
-        [c] => {
-            let p = format!("{path}.tls_certificates[0]");
-            let chain = c
-                .certificate_chain
-                .as_ref()
-                .and_then(|d| cx.data_source(d, &format!("{p}.certificate_chain")));
-            let key = c
-                .private_key
-                .as_ref()
-                .and_then(|d| cx.data_source(d, &format!("{p}.private_key")));
-            match (chain, key) {
-                (Some(c), Some(k)) => Some((c, k)),
+    match (
+        common.tls_certificates.as_slice(),
+        common.tls_certificate_sds_secret_configs.as_slice(),
+    ) {
+        ([], []) => None,
+        ([c], _) => tls_certificate(cx, c, &format!("{path}.tls_certificates[0]")),
+        ([], [sds]) => {
+            let p = format!("{path}.tls_certificate_sds_secret_configs[0]");
+            use tlspb::secret::Type as T;
+            match sds_secret(cx, sds, &p)?.r#type {
+                Some(T::TlsCertificate(c)) => {
+                    tls_certificate(cx, &c, &format!("secret '{}'.tls_certificate", sds.name))
+                }
                 _ => {
-                    cx.err(&p, "certificate_chain and private_key are required");
+                    cx.err(
+                        &p,
+                        format!("secret '{}' is not a TLS certificate", sds.name),
+                    );
                     None
                 }
             }
@@ -235,6 +339,9 @@ fn downstream_tls(
     let common = ctx.common_tls_context.unwrap_or_default();
     let cp = format!("{p}.common_tls_context");
     let Some((cert_chain, private_key)) = certificate(cx, &common, &cp) else {
+        if !cx.missing_secrets.is_empty() {
+            return None;
+        }
         cx.err(
             &format!("{cp}.tls_certificates"),
             "a server certificate is required",

@@ -20,11 +20,12 @@ use std::time::Duration;
 use legate_filters::FilterRegistry;
 use legate_proto::pb::envoy::config::bootstrap::v3 as bs;
 use legate_proto::pb::envoy::config::core::v3 as core;
+use legate_proto::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 
 pub use check::Issue;
 pub use dynamic::{
-    decode_cla, decode_cluster, decode_listener, decode_route, resource_name, AdsProtocol,
-    DynamicConfig,
+    decode_cla, decode_cluster, decode_listener, decode_route, decode_secret, resource_name,
+    AdsProtocol, Decoded, DynamicConfig,
 };
 
 use crate::cluster::ClusterConfig;
@@ -105,8 +106,17 @@ pub(crate) struct Ctx<'a> {
     http_filters: Vec<(String, String)>,
     /// Route configurations named by `rds` in the listeners converted.
     rds_refs: Vec<RdsRef>,
+    /// The secrets TLS contexts may name (`static_resources.secrets`, or what SDS delivered).
+    secrets: &'a Secrets,
+    /// Secrets named through SDS by the resources converted.
+    sds_refs: Vec<String>,
+    /// Named secrets that have not arrived (the resource must wait for them).
+    missing_secrets: Vec<String>,
     registry: &'a FilterRegistry,
 }
+
+/// Secrets by name.
+pub type Secrets = std::collections::BTreeMap<String, Secret>;
 
 impl Ctx<'_> {
     pub(crate) fn err(&mut self, path: &str, message: impl Into<String>) {
@@ -225,11 +235,20 @@ pub fn load_json(
     let typed: bs::Bootstrap =
         legate_proto::to_typed(&msg).map_err(|e| ConfigError::Parse(e.to_string()))?;
     let dump = legate_proto::dynamic_to_json(&msg).unwrap_or(json);
+    let static_secrets: Secrets = typed
+        .static_resources
+        .iter()
+        .flat_map(|sr| sr.secrets.iter())
+        .map(|s| (s.name.clone(), s.clone()))
+        .collect();
     let mut cx = Ctx {
         errors: Vec::new(),
         cluster_refs: Vec::new(),
         http_filters: Vec::new(),
         rds_refs: Vec::new(),
+        secrets: &static_secrets,
+        sds_refs: Vec::new(),
+        missing_secrets: Vec::new(),
         registry,
     };
     let node = typed
@@ -309,6 +328,12 @@ pub fn load_json(
                 "rds needs dynamic_resources.ads_config",
             );
         }
+    }
+    for name in std::mem::take(&mut cx.missing_secrets) {
+        cx.err(
+            "static_resources",
+            format!("secret '{name}' is not in static_resources.secrets (SDS secrets are supported for resources that come over xDS)"),
+        );
     }
     let static_rds = std::mem::take(&mut cx.rds_refs);
     for (path, name) in std::mem::take(&mut cx.cluster_refs) {

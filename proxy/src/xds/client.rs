@@ -142,6 +142,7 @@ fn kinds(config: &DynamicConfig) -> Vec<Kind> {
         v.push(Kind::Listener);
     }
     v.push(Kind::Route);
+    v.push(Kind::Secret);
     v
 }
 

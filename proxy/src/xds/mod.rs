@@ -26,10 +26,17 @@ pub enum Kind {
     Endpoints,
     Listener,
     Route,
+    Secret,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Cluster, Kind::Endpoints, Kind::Listener, Kind::Route];
+    pub const ALL: [Kind; 5] = [
+        Kind::Cluster,
+        Kind::Endpoints,
+        Kind::Listener,
+        Kind::Route,
+        Kind::Secret,
+    ];
 
     /// The message's full name.
     pub fn type_name(self) -> &'static str {
@@ -38,6 +45,7 @@ impl Kind {
             Kind::Endpoints => "envoy.config.endpoint.v3.ClusterLoadAssignment",
             Kind::Listener => "envoy.config.listener.v3.Listener",
             Kind::Route => "envoy.config.route.v3.RouteConfiguration",
+            Kind::Secret => "envoy.extensions.transport_sockets.tls.v3.Secret",
         }
     }
 
@@ -48,6 +56,7 @@ impl Kind {
             Kind::Endpoints => "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
             Kind::Listener => "type.googleapis.com/envoy.config.listener.v3.Listener",
             Kind::Route => "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+            Kind::Secret => "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
         }
     }
 
@@ -62,6 +71,7 @@ impl Kind {
             Kind::Endpoints => "cluster load assignment",
             Kind::Listener => "listener",
             Kind::Route => "route configuration",
+            Kind::Secret => "secret",
         }
     }
 
@@ -176,6 +186,16 @@ impl Dump {
                     "dynamic_endpoint_configs"
                 };
                 json!({ key: list })
+            }
+            Kind::Secret => {
+                // Secrets are listed without their contents: private keys never leave.
+                let list: Vec<_> = entries
+                    .map(|e| match &e.state {
+                        EntryState::Rejected(details) => json!({"name": e.name, "error_state": {"last_update_attempt": timestamp(e.updated), "details": details}}),
+                        _ => json!({"name": e.name, "version_info": e.version, "last_updated": timestamp(e.updated)}),
+                    })
+                    .collect();
+                json!({ "dynamic_active_secrets": list })
             }
         }
     }

@@ -34,6 +34,21 @@ struct Meta {
 struct ClusterEntry {
     active: Option<(Meta, Arc<Cluster>)>,
     warming: Option<(Meta, Arc<Cluster>, Instant)>,
+    /// The newest version, waiting for the secrets it names.
+    awaiting: Option<(Meta, Instant)>,
+    /// Secrets the newest version names.
+    sds: Vec<String>,
+}
+
+impl ClusterEntry {
+    /// The newest version received.
+    fn newest(&self) -> Option<&Meta> {
+        self.awaiting
+            .as_ref()
+            .map(|(m, _)| m)
+            .or(self.warming.as_ref().map(|(m, _, _)| m))
+            .or(self.active.as_ref().map(|(m, _)| m))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -47,6 +62,20 @@ struct ListenerVersion {
 struct ListenerEntry {
     active: Option<ListenerVersion>,
     warming: Option<(ListenerVersion, Instant)>,
+    /// The newest version, waiting for the secrets it names.
+    awaiting: Option<(Meta, Instant)>,
+    /// Secrets the newest version names.
+    sds: Vec<String>,
+}
+
+impl ListenerEntry {
+    fn newest(&self) -> Option<&Meta> {
+        self.awaiting
+            .as_ref()
+            .map(|(m, _)| m)
+            .or(self.warming.as_ref().map(|(v, _)| &v.meta))
+            .or(self.active.as_ref().map(|v| &v.meta))
+    }
 }
 
 #[derive(Debug)]
@@ -84,6 +113,8 @@ pub struct State {
     endpoints: BTreeMap<String, EndpointEntry>,
     listeners: BTreeMap<String, ListenerEntry>,
     routes: BTreeMap<String, RouteEntry>,
+    secrets: BTreeMap<String, Meta>,
+    secret_values: config::Secrets,
     rejected: BTreeMap<(Kind, String), Rejected>,
     /// The last accepted `version_info` per type (state of the world).
     versions: BTreeMap<Kind, String>,
@@ -120,6 +151,8 @@ impl State {
             endpoints: BTreeMap::new(),
             listeners: BTreeMap::new(),
             routes: BTreeMap::new(),
+            secrets: BTreeMap::new(),
+            secret_values: config::Secrets::new(),
             rejected: BTreeMap::new(),
             versions: BTreeMap::new(),
             received: BTreeSet::new(),
@@ -146,6 +179,7 @@ impl State {
             Kind::Listener => self.listeners.keys().cloned().collect(),
             Kind::Route => self.routes.keys().cloned().collect(),
             Kind::Endpoints => self.endpoints.keys().cloned().collect(),
+            Kind::Secret => self.secrets.keys().cloned().collect(),
         }
     }
 
@@ -175,6 +209,11 @@ impl State {
             Kind::Endpoints => {
                 for (n, e) in &self.endpoints {
                     out.insert(n.clone(), e.meta.version.clone());
+                }
+            }
+            Kind::Secret => {
+                for (n, m) in &self.secrets {
+                    out.insert(n.clone(), m.version.clone());
                 }
             }
         }
@@ -208,6 +247,13 @@ impl State {
                 .chain(self.static_clusters.values())
                 .filter_map(|c| c.config.eds_service_name.clone())
                 .collect(),
+            Kind::Secret => self
+                .clusters
+                .values()
+                .flat_map(|e| e.sds.iter())
+                .chain(self.listeners.values().flat_map(|e| e.sds.iter()))
+                .cloned()
+                .collect(),
             Kind::Listener | Kind::Cluster => BTreeSet::new(),
         }
     }
@@ -231,10 +277,11 @@ impl State {
                 updated: now,
             };
             let result = match kind {
-                Kind::Cluster => self.upsert_cluster(&name, meta.clone()),
+                Kind::Cluster => self.upsert_cluster(&name, meta.clone(), false),
                 Kind::Endpoints => self.upsert_endpoints(&name, meta.clone()),
-                Kind::Listener => self.upsert_listener(&name, meta.clone()),
+                Kind::Listener => self.upsert_listener(&name, meta.clone(), false),
                 Kind::Route => self.upsert_route(&name, meta.clone()),
+                Kind::Secret => self.upsert_secret(&name, meta.clone()),
             };
             match result {
                 Ok(()) => {
@@ -264,24 +311,35 @@ impl State {
         }
     }
 
-    fn upsert_cluster(&mut self, name: &str, meta: Meta) -> Result<(), String> {
-        if let Some(e) = self.clusters.get_mut(name) {
+    /// `rebuild`: the cluster is converted again even if unchanged (a secret it names
+    /// changed).
+    fn upsert_cluster(&mut self, name: &str, meta: Meta, rebuild: bool) -> Result<(), String> {
+        if let Some(e) = self.clusters.get_mut(name).filter(|_| !rebuild) {
             if let Some((m, _)) = &mut e.active {
                 if m.resource.value == meta.resource.value {
                     // Same cluster: a new version number only. A pending change is dropped.
                     *m = meta;
                     e.warming = None;
+                    e.awaiting = None;
                     return Ok(());
                 }
             }
         }
-        let config = config::decode_cluster(&self.registry, &meta.resource)?;
+        let decoded = config::decode_cluster(&self.registry, &self.secret_values, &meta.resource)?;
+        let Some(config) = decoded.value else {
+            let entry = self.clusters.entry(name.to_owned()).or_default();
+            entry.sds = decoded.sds;
+            entry.awaiting = Some((meta, Instant::now()));
+            return Ok(());
+        };
         if config.name != name {
             return Err(format!("name mismatch ({})", config.name));
         }
         let cluster = Arc::new(Cluster::new(config));
         cluster.keep_resolving(Duration::ZERO);
         let entry = self.clusters.entry(name.to_owned()).or_default();
+        entry.sds = decoded.sds;
+        entry.awaiting = None;
         match cluster.config.eds_service_name.as_deref() {
             Some(service) => {
                 if let Some(e) = self.endpoints.get(service) {
@@ -343,27 +401,76 @@ impl State {
             .collect()
     }
 
-    fn upsert_listener(&mut self, name: &str, meta: Meta) -> Result<(), String> {
-        if let Some(v) = self.listeners.get_mut(name).and_then(|e| e.active.as_mut()) {
-            if v.meta.resource.value == meta.resource.value {
-                v.meta = meta;
-                if let Some(e) = self.listeners.get_mut(name) {
+    /// `rebuild`: the listener is converted again even if unchanged (a secret it names
+    /// changed).
+    fn upsert_listener(&mut self, name: &str, meta: Meta, rebuild: bool) -> Result<(), String> {
+        if let Some(e) = self.listeners.get_mut(name).filter(|_| !rebuild) {
+            if let Some(v) = &mut e.active {
+                if v.meta.resource.value == meta.resource.value {
+                    v.meta = meta;
                     e.warming = None;
+                    e.awaiting = None;
+                    return Ok(());
                 }
-                return Ok(());
             }
         }
-        let (config, rds) = config::decode_listener(&self.registry, &meta.resource)?;
+        let decoded = config::decode_listener(&self.registry, &self.secret_values, &meta.resource)?;
+        let entry = self.listeners.entry(name.to_owned()).or_default();
+        entry.sds = decoded.sds;
+        let Some(config) = decoded.value else {
+            entry.awaiting = Some((meta, Instant::now()));
+            return Ok(());
+        };
         if config.name != name {
             return Err(format!("name mismatch ({})", config.name));
         }
-        let version = ListenerVersion {
-            meta,
-            config: Arc::new(config),
-            rds,
-        };
-        self.listeners.entry(name.to_owned()).or_default().warming =
-            Some((version, Instant::now()));
+        entry.awaiting = None;
+        entry.warming = Some((
+            ListenerVersion {
+                meta,
+                config: Arc::new(config),
+                rds: decoded.rds,
+            },
+            Instant::now(),
+        ));
+        Ok(())
+    }
+
+    fn upsert_secret(&mut self, name: &str, meta: Meta) -> Result<(), String> {
+        if self
+            .secrets
+            .get(name)
+            .is_some_and(|m| m.resource.value == meta.resource.value)
+        {
+            self.secrets.insert(name.to_owned(), meta);
+            return Ok(());
+        }
+        let secret = config::decode_secret(&self.registry, &meta.resource)?;
+        self.secret_values.insert(name.to_owned(), secret);
+        self.secrets.insert(name.to_owned(), meta);
+        // Everything that names the secret is built again with it.
+        let clusters: Vec<(String, Meta)> = self
+            .clusters
+            .iter()
+            .filter(|(_, e)| e.sds.iter().any(|s| s == name))
+            .filter_map(|(n, e)| Some((n.clone(), e.newest()?.clone())))
+            .collect();
+        for (n, m) in clusters {
+            if let Err(e) = self.upsert_cluster(&n, m, true) {
+                tracing::warn!(cluster = %n, "rebuilding with secret {name}: {e}");
+            }
+        }
+        let listeners: Vec<(String, Meta)> = self
+            .listeners
+            .iter()
+            .filter(|(_, e)| e.sds.iter().any(|s| s == name))
+            .filter_map(|(n, e)| Some((n.clone(), e.newest()?.clone())))
+            .collect();
+        for (n, m) in listeners {
+            if let Err(e) = self.upsert_listener(&n, m, true) {
+                tracing::warn!(listener = %n, "rebuilding with secret {name}: {e}");
+            }
+        }
         Ok(())
     }
 
@@ -430,6 +537,11 @@ impl State {
             Kind::Route => {
                 self.routes.remove(name);
             }
+            Kind::Secret => {
+                // What was built with it keeps running; new uses wait for it again.
+                self.secrets.remove(name);
+                self.secret_values.remove(name);
+            }
         }
     }
 
@@ -440,6 +552,9 @@ impl State {
         self.routes.retain(|n, _| routes.contains(n));
         let eds = self.wanted(Kind::Endpoints);
         self.endpoints.retain(|n, _| eds.contains(n));
+        let sds = self.wanted(Kind::Secret);
+        self.secrets.retain(|n, _| sds.contains(n));
+        self.secret_values.retain(|n, _| sds.contains(n));
     }
 
     /// Finishes warming what can finish (or has waited long enough), then publishes.
@@ -534,8 +649,14 @@ impl State {
             return true;
         }
         self.expected.iter().all(|k| self.received.contains(k))
-            && self.clusters.values().all(|e| e.warming.is_none())
-            && self.listeners.values().all(|e| e.warming.is_none())
+            && self
+                .clusters
+                .values()
+                .all(|e| e.warming.is_none() && e.awaiting.is_none())
+            && self
+                .listeners
+                .values()
+                .all(|e| e.warming.is_none() && e.awaiting.is_none())
             && self.static_rds.iter().all(|r| {
                 self.routes
                     .get(&r.name)
@@ -623,6 +744,19 @@ impl State {
         }
         for (n, e) in &self.endpoints {
             push(Kind::Endpoints, n, &e.meta, EntryState::Active);
+        }
+        for (n, m) in &self.secrets {
+            push(Kind::Secret, n, m, EntryState::Active);
+        }
+        for (n, e) in &self.clusters {
+            if let Some((m, _)) = &e.awaiting {
+                push(Kind::Cluster, n, m, EntryState::Warming);
+            }
+        }
+        for (n, e) in &self.listeners {
+            if let Some((m, _)) = &e.awaiting {
+                push(Kind::Listener, n, m, EntryState::Warming);
+            }
         }
         for ((kind, n), r) in &self.rejected {
             entries.push(DumpEntry {
