@@ -363,6 +363,7 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
     let hcm = info.hcm.clone();
+    let hcm_drain_time = info.runtime.drain_time;
     let svc = service_fn(move |req| crate::hcm::handle(info.clone(), req));
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let max_headers = (hcm.max_request_headers_kb as usize * 1024).max(8192);
@@ -387,17 +388,26 @@ where
     };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
+    // Once draining, the connection gets `--drain-time-s` to finish, then it is closed.
+    let drain_time = hcm_drain_time;
+    let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+    let mut deadline = far;
     let mut draining = drain.is_set();
     if draining {
         conn.as_mut().graceful_shutdown();
+        deadline = tokio::time::Instant::now() + drain_time;
     }
     loop {
         tokio::select! {
             r = conn.as_mut() => return r.map_err(|e| std::io::Error::other(e.to_string())),
             _ = drain.wait(), if !draining => {
                 draining = true;
+                deadline = tokio::time::Instant::now() + drain_time;
                 // HTTP/1.1: close after the in-flight response; HTTP/2: GOAWAY.
                 conn.as_mut().graceful_shutdown();
+            }
+            _ = tokio::time::sleep_until(deadline), if draining => {
+                return Ok(());
             }
         }
     }

@@ -37,6 +37,8 @@ pub struct Runtime {
     pub started: Instant,
     pub command_line: Vec<String>,
     pub concurrency: usize,
+    /// `--drain-time-s`: how long a draining connection may take to finish.
+    pub drain_time: Duration,
     /// Shared with the health_check filters; toggled by `/healthcheck/fail` and `/healthcheck/ok`.
     pub health: legate_filters::ServerHealth,
     /// Whether the initial configuration is in place (`/ready`): at once for a static
@@ -137,6 +139,7 @@ pub async fn run(bootstrap: Bootstrap, opts: ServeOptions) -> anyhow::Result<()>
         started: Instant::now(),
         command_line: opts.command_line.clone(),
         concurrency: opts.concurrency,
+        drain_time: opts.drain_time,
         health: opts.health.clone(),
         initialized: AtomicBool::new(bootstrap.dynamic.is_none()),
         draining: AtomicBool::new(false),
