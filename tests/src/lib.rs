@@ -5,6 +5,7 @@
 //! learns the ports they bound, [`client`] sends requests over h1/h2c/TLS, [`raw`] speaks bytes
 //! for the cases a well-behaved client cannot produce, and [`scenario`] runs the differential
 //! corpus under `tests/scenarios/` against both proxies and compares what a user would see.
+//! [`xds`] is a scriptable ADS server that records what an xDS client asks for and ACKs.
 
 pub mod bins;
 pub mod certs;
@@ -15,5 +16,6 @@ pub mod proxy;
 pub mod raw;
 pub mod scenario;
 pub mod upstream;
+pub mod xds;
 
 mod observe;

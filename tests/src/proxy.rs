@@ -4,7 +4,8 @@
 //! `BIN -c FILE --admin-address-path ADMINFILE -l warning --concurrency 1 --disable-hot-restart`.
 //! The bootstrap's admin listens on port 0; we wait (with a deadline) for the admin address
 //! file, then for `GET /ready` to answer 200, then read `GET /listeners?format=json` to map
-//! listener names to their bound addresses.
+//! listener names to their bound addresses. [`Proxy::start_dynamic`] waits only for the admin,
+//! for a proxy whose listeners arrive later over xDS.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -76,10 +77,63 @@ impl Proxy {
 
     /// Starts `kind` with the bootstrap at `config`, in `dir`, and waits until it is ready.
     pub async fn start(kind: ProxyKind, config: &Path, dir: &Path) -> Result<Self> {
+        Self::launch(kind, config, dir, Wait::Ready, &[]).await
+    }
+
+    /// Starts `kind` with `extra_args` (command-line options both proxies take, such as
+    /// `--drain-time-s`) and waits only for its admin to answer, not for `/ready` nor
+    /// listeners: for a proxy whose listeners arrive later over xDS. `listeners` is left
+    /// empty; use [`Self::wait_listener`].
+    pub async fn start_dynamic(
+        kind: ProxyKind,
+        config: &Path,
+        dir: &Path,
+        extra_args: &[&str],
+    ) -> Result<Self> {
+        Self::launch(kind, config, dir, Wait::Admin, extra_args).await
+    }
+
+    /// The listeners the admin reports now (name → bound address).
+    pub async fn current_listeners(&self) -> Result<BTreeMap<String, SocketAddr>> {
+        let (status, body) = admin_get(self.admin, "/listeners?format=json").await?;
+        if status != 200 {
+            bail!("GET /listeners?format=json answered {status}: {body}");
+        }
+        parse_listeners(&body)
+    }
+
+    /// Polls `/listeners` until `name` is listed, for up to `timeout`; returns its address.
+    pub async fn wait_listener(&self, name: &str, timeout: Duration) -> Result<SocketAddr> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match self.current_listeners().await {
+                Ok(l) => match l.get(name) {
+                    Some(addr) => return Ok(*addr),
+                    None => format!("has {:?}", l.keys().collect::<Vec<_>>()),
+                },
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() > deadline {
+                bail!(
+                    "{} never listed listener {name:?} within {timeout:?} ({last})",
+                    self.kind
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    async fn launch(
+        kind: ProxyKind,
+        config: &Path,
+        dir: &Path,
+        wait: Wait,
+        extra_args: &[&str],
+    ) -> Result<Self> {
         let bin = kind.binary()?;
         let admin_file = dir.join(format!("{}.admin", kind.name()));
         let _ = std::fs::remove_file(&admin_file);
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "-c".into(),
             config.display().to_string(),
             "--admin-address-path".into(),
@@ -90,9 +144,10 @@ impl Proxy {
             "1".into(),
             "--disable-hot-restart".into(),
         ];
+        args.extend(extra_args.iter().map(|a| a.to_string()));
         let mut guard = ProcessGuard::spawn(kind.name(), &bin, &args, dir)?;
         let deadline = Instant::now() + READY_TIMEOUT;
-        match wait_ready(&mut guard, &admin_file, deadline).await {
+        match wait_ready(&mut guard, &admin_file, deadline, wait).await {
             Ok((admin, listeners)) => Ok(Self {
                 kind,
                 admin,
@@ -108,10 +163,20 @@ impl Proxy {
     }
 }
 
+/// How far [`Proxy::launch`] waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// The admin answers any request.
+    Admin,
+    /// `/ready` answers 200; then the listeners are read.
+    Ready,
+}
+
 async fn wait_ready(
     guard: &mut ProcessGuard,
     admin_file: &Path,
     deadline: Instant,
+    wait: Wait,
 ) -> Result<(SocketAddr, BTreeMap<String, SocketAddr>)> {
     let admin = loop {
         if let Some(status) = guard.exited() {
@@ -134,8 +199,10 @@ async fn wait_ready(
         if let Some(status) = guard.exited() {
             bail!("exited with {status} before /ready");
         }
-        if let Ok((200, _)) = admin_get(admin, "/ready").await {
-            break;
+        match admin_get(admin, "/ready").await {
+            Ok((200, _)) => break,
+            Ok(_) if wait == Wait::Admin => return Ok((admin, BTreeMap::new())),
+            _ => {}
         }
         if Instant::now() > deadline {
             bail!("GET /ready on {admin} never answered 200");

@@ -1,5 +1,5 @@
 //! Legate's integration tests: the differential corpus against Envoy, malformed input over raw
-//! TCP, and `--mode validate`.
+//! TCP, `--mode validate`, and xDS conformance against a scripted ADS server.
 
 mod harness;
 mod lifecycle;
@@ -8,3 +8,4 @@ mod malformed_h2;
 mod pilot;
 mod scenarios;
 mod validate;
+mod xds;
