@@ -7,7 +7,9 @@
 //!
 //! Resources: clusters `c1`, `c2`, `c3` (EDS over ADS), listeners `l1`, `l2` on 127.0.0.1:0
 //! (HCM with RDS over ADS) and route configurations `r1`, `r2`. Upstreams `a` and `b` are echo
-//! servers that say which of them answered.
+//! servers that say which of them answered. [`server`] tests the ADS server itself.
+
+mod server;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -595,12 +597,12 @@ async fn server_restart(kind: ProxyKind, proto: XdsProtocol) -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn xds_server_restart_envoy_sotw() -> Result<()> {
+async fn xds_control_plane_restart_envoy_sotw() -> Result<()> {
     server_restart(ProxyKind::Envoy, XdsProtocol::Sotw).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn xds_server_restart_envoy_delta() -> Result<()> {
+async fn xds_control_plane_restart_envoy_delta() -> Result<()> {
     server_restart(ProxyKind::Envoy, XdsProtocol::Delta).await
 }
 
