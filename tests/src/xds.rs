@@ -360,29 +360,28 @@ impl XdsServer {
     /// `version` differs from the one it was last sent.
     pub fn set(&self, type_url: &str, version: &str, resources: Vec<Any>) -> Result<()> {
         let mut entries = Vec::with_capacity(resources.len());
-        {
-            let state = self.shared.lock();
-            let old = state.types.get(type_url);
-            for any in resources {
-                if any.type_url != type_url {
-                    bail!("a {} set as {type_url}", any.type_url);
-                }
-                let name = resource_name(&any)?;
-                // Delta versions are per resource: unchanged bytes keep their version.
-                let version = old
-                    .and_then(|t| t.entries.iter().find(|e| e.name == name && e.any == any))
-                    .map(|e| e.version.clone())
-                    .unwrap_or_else(|| version.to_string());
-                entries.push(Entry { name, version, any });
+        let mut state = self.shared.lock();
+        let old = state.types.get(type_url);
+        for any in resources {
+            if any.type_url != type_url {
+                bail!("a {} set as {type_url}", any.type_url);
             }
+            let name = resource_name(&any)?;
+            // Delta versions are per resource: unchanged bytes keep their version.
+            let version = old
+                .and_then(|t| t.entries.iter().find(|e| e.name == name && e.any == any))
+                .map(|e| e.version.clone())
+                .unwrap_or_else(|| version.to_string());
+            entries.push(Entry { name, version, any });
         }
-        self.shared.lock().types.insert(
+        state.types.insert(
             type_url.to_string(),
             TypeState {
                 version: version.to_string(),
                 entries,
             },
         );
+        drop(state);
         self.shared.resources_changed.send_modify(|n| *n += 1);
         Ok(())
     }
