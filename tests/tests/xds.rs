@@ -666,3 +666,20 @@ xds_test!(xds_restart_envoy_sotw, restart, Envoy, Sotw);
 xds_test!(xds_restart_envoy_delta, restart, Envoy, Delta);
 xds_test!(xds_removal_envoy_sotw, removal, Envoy, Sotw);
 xds_test!(xds_removal_envoy_delta, removal, Envoy, Delta);
+xds_test!(xds_initial_config_legate_sotw, initial_config, Legate, Sotw);
+xds_test!(
+    xds_initial_config_legate_delta,
+    initial_config,
+    Legate,
+    Delta
+);
+xds_test!(xds_nack_legate_sotw, nack, Legate, Sotw);
+xds_test!(xds_nack_legate_delta, nack, Legate, Delta);
+xds_test!(xds_changes_legate_sotw, changes, Legate, Sotw);
+xds_test!(xds_changes_legate_delta, changes, Legate, Delta);
+xds_test!(xds_warming_legate_sotw, warming, Legate, Sotw);
+xds_test!(xds_warming_legate_delta, warming, Legate, Delta);
+xds_test!(xds_restart_legate_sotw, restart, Legate, Sotw);
+xds_test!(xds_restart_legate_delta, restart, Legate, Delta);
+xds_test!(xds_removal_legate_sotw, removal, Legate, Sotw);
+xds_test!(xds_removal_legate_delta, removal, Legate, Delta);
