@@ -64,6 +64,9 @@ pub struct HcmConfig {
     /// `strip_any_host_port`: the port is removed from the host before routing and
     /// forwarding.
     pub strip_any_host_port: bool,
+    /// `drain_timeout` (default 5 s): how long a draining HTTP/1.1 connection stays open
+    /// for its next request before it is closed when idle.
+    pub drain_timeout: Duration,
     pub h2_max_concurrent_streams: Option<u32>,
     pub stats: HttpStats,
 }
@@ -101,6 +104,10 @@ pub struct ConnInfo {
     pub peer_principals: Vec<String>,
     /// Set by [`crate::sniff::Sniffed`] when a request head had conflicting framing.
     pub framing_conflict: Arc<std::sync::atomic::AtomicBool>,
+    /// Set when the connection drains: HTTP/1.1 responses then carry `Connection: close`.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Set once an HTTP/2 request was seen (an HTTP/2 connection drains with GOAWAY).
+    pub saw_h2: Arc<std::sync::atomic::AtomicBool>,
     pub hcm: Arc<HcmConfig>,
     pub runtime: Arc<Runtime>,
 }
@@ -180,6 +187,11 @@ pub async fn handle(
     }
     hcm.stats.rq_total.inc();
     hcm.stats.rq_active.inc();
+    let h2 = req.version() == Version::HTTP_2;
+    if h2 && !conn.saw_h2.load(std::sync::atomic::Ordering::Relaxed) {
+        conn.saw_h2
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     let mut stream = Stream {
         conn: &conn,
         ctx: RequestContext {
@@ -220,6 +232,10 @@ pub async fn handle(
     hcm.stats.rq_classes.record(resp.status().as_u16());
     hcm.stats.rq_active.dec();
     stream.finish(&mut resp);
+    if !h2 && conn.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     Ok(resp)
 }
 

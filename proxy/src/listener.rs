@@ -176,6 +176,11 @@ impl Drain {
         *self.global.borrow() || *self.listener.borrow()
     }
 
+    /// Whether the whole proxy drains (rather than only this listener's generation).
+    fn is_global(&self) -> bool {
+        *self.global.borrow()
+    }
+
     /// Resolves once the connection must drain.
     async fn wait(&mut self) {
         loop {
@@ -318,6 +323,8 @@ async fn connection(
                 sni,
                 peer_principals: sans.map(|s| s.principals()).unwrap_or_default(),
                 framing_conflict: flag.clone(),
+                draining: Default::default(),
+                saw_h2: Default::default(),
                 hcm,
                 runtime,
             };
@@ -340,6 +347,8 @@ async fn connection(
                 sni: detected.sni,
                 peer_principals: Vec::new(),
                 framing_conflict: flag.clone(),
+                draining: Default::default(),
+                saw_h2: Default::default(),
                 hcm,
                 runtime,
             };
@@ -364,6 +373,8 @@ where
 {
     let hcm = info.hcm.clone();
     let hcm_drain_time = info.runtime.drain_time;
+    let draining_flag = info.draining.clone();
+    let saw_h2 = info.saw_h2.clone();
     let svc = service_fn(move |req| crate::hcm::handle(info.clone(), req));
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let max_headers = (hcm.max_request_headers_kb as usize * 1024).max(8192);
@@ -388,21 +399,41 @@ where
     };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
-    // Once draining, the connection gets `--drain-time-s` to finish, then it is closed.
+    // Draining: HTTP/2 gets GOAWAY at once. HTTP/1.1 gets `Connection: close` on its next
+    // response and, when the proxy drains or the connection manager's `drain_timeout` has
+    // passed, is closed once idle (closing an idle keep-alive connection at once would race
+    // a request the client is sending on it). After `--drain-time-s` the connection is
+    // closed whatever it is doing.
     let drain_time = hcm_drain_time;
     let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
     let mut deadline = far;
-    let mut draining = drain.is_set();
-    if draining {
-        conn.as_mut().graceful_shutdown();
-        deadline = tokio::time::Instant::now() + drain_time;
+    let mut soft_deadline = far;
+    let mut draining = false;
+    let mut shut = false;
+    let start_drain = |drain: &Drain| {
+        draining_flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        let now = tokio::time::Instant::now();
+        let h2 = saw_h2.load(std::sync::atomic::Ordering::Relaxed) || codec == Codec::Http2;
+        let soft = if h2 || drain.is_global() {
+            now
+        } else {
+            now + hcm.drain_timeout.min(drain_time)
+        };
+        (now + drain_time, soft)
+    };
+    if drain.is_set() {
+        draining = true;
+        (deadline, soft_deadline) = start_drain(&drain);
     }
     loop {
         tokio::select! {
             r = conn.as_mut() => return r.map_err(|e| std::io::Error::other(e.to_string())),
             _ = drain.wait(), if !draining => {
                 draining = true;
-                deadline = tokio::time::Instant::now() + drain_time;
+                (deadline, soft_deadline) = start_drain(&drain);
+            }
+            _ = tokio::time::sleep_until(soft_deadline), if draining && !shut => {
+                shut = true;
                 // HTTP/1.1: close after the in-flight response; HTTP/2: GOAWAY.
                 conn.as_mut().graceful_shutdown();
             }

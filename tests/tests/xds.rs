@@ -683,3 +683,6 @@ xds_test!(xds_restart_legate_sotw, restart, Legate, Sotw);
 xds_test!(xds_restart_legate_delta, restart, Legate, Delta);
 xds_test!(xds_removal_legate_sotw, removal, Legate, Sotw);
 xds_test!(xds_removal_legate_delta, removal, Legate, Delta);
+
+// Defined after `xds_test!`, which it uses.
+mod load;

@@ -702,6 +702,10 @@ fn http_connection_manager(
         server_header,
         access_logs: access_logs(cx, &h.access_log, &format!("{path}.access_log")).into(),
         websocket,
+        drain_timeout: h
+            .drain_timeout
+            .as_ref()
+            .map_or(std::time::Duration::from_secs(5), duration),
         strip_any_host_port: matches!(
             h.strip_port_mode,
             Some(hcmpb::http_connection_manager::StripPortMode::StripAnyHostPort(true))
