@@ -169,6 +169,7 @@ pub fn resource_name(type_name: &str, any: &Any) -> Result<String, String> {
                 .map_err(err)?
                 .cluster_name
         }
+        SECRET => Secret::decode(bytes).map_err(err)?.name,
         other => return Err(format!("unsupported resource type {other}")),
     };
     if name.is_empty() {

@@ -62,17 +62,27 @@ struct ListenerVersion {
 struct ListenerEntry {
     active: Option<ListenerVersion>,
     warming: Option<(ListenerVersion, Instant)>,
-    /// The newest version, waiting for the secrets it names.
-    awaiting: Option<(Meta, Instant)>,
+    /// The newest version, waiting for the secrets it names (with the routes it names, so
+    /// they are fetched meanwhile).
+    awaiting: Option<(Meta, Vec<RdsRef>, Instant)>,
     /// Secrets the newest version names.
     sds: Vec<String>,
 }
 
 impl ListenerEntry {
+    /// The route configurations every version names.
+    fn rds_refs(&self) -> impl Iterator<Item = &RdsRef> {
+        self.active
+            .iter()
+            .chain(self.warming.iter().map(|(v, _)| v))
+            .flat_map(|v| v.rds.iter())
+            .chain(self.awaiting.iter().flat_map(|(_, r, _)| r.iter()))
+    }
+
     fn newest(&self) -> Option<&Meta> {
         self.awaiting
             .as_ref()
-            .map(|(m, _)| m)
+            .map(|(m, _, _)| m)
             .or(self.warming.as_ref().map(|(v, _)| &v.meta))
             .or(self.active.as_ref().map(|v| &v.meta))
     }
@@ -226,12 +236,7 @@ impl State {
             Kind::Route => self
                 .listeners
                 .values()
-                .flat_map(|e| {
-                    e.active
-                        .iter()
-                        .chain(e.warming.iter().map(|(v, _)| v))
-                        .flat_map(|v| v.rds.iter())
-                })
+                .flat_map(ListenerEntry::rds_refs)
                 .chain(self.static_rds.iter())
                 .map(|r| r.name.clone())
                 .collect(),
@@ -418,7 +423,7 @@ impl State {
         let entry = self.listeners.entry(name.to_owned()).or_default();
         entry.sds = decoded.sds;
         let Some(config) = decoded.value else {
-            entry.awaiting = Some((meta, Instant::now()));
+            entry.awaiting = Some((meta, decoded.rds, Instant::now()));
             return Ok(());
         };
         if config.name != name {
@@ -502,12 +507,7 @@ impl State {
         let all = self
             .listeners
             .values()
-            .flat_map(|e| {
-                e.active
-                    .iter()
-                    .chain(e.warming.iter().map(|(v, _)| v))
-                    .flat_map(|v| v.rds.iter())
-            })
+            .flat_map(ListenerEntry::rds_refs)
             .chain(self.static_rds.iter());
         for r in all {
             if r.name == name && !out.iter().any(|o| o.key == r.key) {
@@ -754,7 +754,7 @@ impl State {
             }
         }
         for (n, e) in &self.listeners {
-            if let Some((m, _)) = &e.awaiting {
+            if let Some((m, _, _)) = &e.awaiting {
                 push(Kind::Listener, n, m, EntryState::Warming);
             }
         }
