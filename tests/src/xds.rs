@@ -260,17 +260,39 @@ impl Run {
     }
 }
 
+/// A TLS acceptor (for `Debug`).
+#[derive(Clone)]
+struct Acceptor(tokio_rustls::TlsAcceptor);
+
+impl std::fmt::Debug for Acceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsAcceptor")
+    }
+}
+
 /// The scriptable ADS server. Stops (dropping every connection) when dropped.
 #[derive(Debug)]
 pub struct XdsServer {
     addr: SocketAddr,
     shared: Arc<Shared>,
+    /// Serves gRPC over TLS when set.
+    tls: Option<Acceptor>,
     running: Option<(Arc<Run>, JoinHandle<()>)>,
 }
 
 impl XdsServer {
     /// Starts a server on 127.0.0.1:0 with no resources.
     pub async fn start() -> Result<Self> {
+        Self::start_with(None).await
+    }
+
+    /// Starts a server that speaks gRPC over TLS with `config` (its certificate).
+    pub async fn start_tls(config: Arc<rustls::ServerConfig>) -> Result<Self> {
+        Self::start_with(Some(tokio_rustls::TlsAcceptor::from(config))).await
+    }
+
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Result<Self> {
+        let tls = tls.map(Acceptor);
         let listener = bind("127.0.0.1:0".parse()?)?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
@@ -287,6 +309,7 @@ impl XdsServer {
         let mut server = Self {
             addr,
             shared,
+            tls,
             running: None,
         };
         server.serve(listener);
@@ -305,6 +328,7 @@ impl XdsServer {
             run: run.clone(),
         });
         let accept_run = run.clone();
+        let tls = self.tls.clone();
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
@@ -312,14 +336,23 @@ impl XdsServer {
                 };
                 let _ = tcp.set_nodelay(true);
                 let service = service.clone();
+                let tls = tls.clone();
                 let conn = tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         let mut service = service.clone();
                         async move { service.call(req).await }
                     });
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tcp), svc)
-                        .await;
+                    let h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.0.accept(tcp).await {
+                                let _ = h2.serve_connection(TokioIo::new(stream), svc).await;
+                            }
+                        }
+                        None => {
+                            let _ = h2.serve_connection(TokioIo::new(tcp), svc).await;
+                        }
+                    }
                 });
                 accept_run.track(conn.abort_handle());
             }

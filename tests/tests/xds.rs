@@ -687,3 +687,4 @@ xds_test!(xds_removal_legate_delta, removal, Legate, Delta);
 // Defined after `xds_test!`, which it uses.
 mod load;
 mod sds;
+mod tls;

@@ -177,6 +177,8 @@ pub struct AdsBootstrap {
     /// The ADS server's address (the static cluster `xds`).
     pub xds: SocketAddr,
     pub protocol: XdsProtocol,
+    /// When set, the `xds` cluster speaks TLS (SNI `localhost`) trusting this CA file.
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl AdsBootstrap {
@@ -187,6 +189,7 @@ impl AdsBootstrap {
             node_cluster: "test-cluster".into(),
             xds,
             protocol,
+            tls_ca: None,
         }
     }
 
@@ -211,7 +214,7 @@ static_resources:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
         '@type': type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
         explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
+{tls}    load_assignment:
       cluster_name: xds
       endpoints:
       - lb_endpoints:
@@ -222,6 +225,20 @@ static_resources:
             api_type = self.protocol.api_type(),
             ip = self.xds.ip(),
             port = self.xds.port(),
+            tls = match &self.tls_ca {
+                Some(ca) => format!(
+                    r#"    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        '@type': type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: localhost
+        common_tls_context:
+          validation_context: {{trusted_ca: {{filename: {}}}}}
+"#,
+                    ca.display()
+                ),
+                None => String::new(),
+            },
         )
     }
 
