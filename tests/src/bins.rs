@@ -63,34 +63,46 @@ pub fn envoy_bin() -> Result<PathBuf> {
     )
 }
 
-/// Legate: `$LEGATE_BIN`, else `<target>/debug/legate` where `<target>` honours
-/// `CARGO_TARGET_DIR`.
-pub fn legate_bin() -> Result<PathBuf> {
-    let (path, from_env) = match std::env::var_os("LEGATE_BIN") {
+/// `<target>`: `CARGO_TARGET_DIR` (relative to the workspace) or `<workspace>/target`.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|t| {
+            if t.is_absolute() {
+                t
+            } else {
+                workspace_root().join(t)
+            }
+        })
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// A binary of the workspace: `$ENV_VAR`, else `<target>/debug/NAME`.
+fn workspace_bin(env_var: &str, name: &str, package: &str) -> Result<PathBuf> {
+    let (path, from_env) = match std::env::var_os(env_var) {
         Some(p) => (PathBuf::from(p), true),
-        None => {
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .map(|t| {
-                    if t.is_absolute() {
-                        t
-                    } else {
-                        workspace_root().join(t)
-                    }
-                })
-                .unwrap_or_else(|| workspace_root().join("target"));
-            (target.join("debug/legate"), false)
-        }
+        None => (target_dir().join("debug").join(name), false),
     };
     if path.is_file() {
         return Ok(path);
     }
     if from_env {
-        bail!("LEGATE_BIN={} does not exist", path.display());
+        bail!("{env_var}={} does not exist", path.display());
     }
     bail!(
-        "Legate not found at {}: build it first with `cargo build -p legate-proxy` (with the \
-         same CARGO_TARGET_DIR), or set LEGATE_BIN",
+        "{name} not found at {}: build it first with `cargo build -p {package}` (with the \
+         same CARGO_TARGET_DIR), or set {env_var}",
         path.display()
     )
+}
+
+/// Legate: `$LEGATE_BIN`, else `<target>/debug/legate` where `<target>` honours
+/// `CARGO_TARGET_DIR`.
+pub fn legate_bin() -> Result<PathBuf> {
+    workspace_bin("LEGATE_BIN", "legate", "legate-proxy")
+}
+
+/// legate-pilot: `$LEGATE_PILOT_BIN`, else `<target>/debug/legate-pilot`.
+pub fn pilot_bin() -> Result<PathBuf> {
+    workspace_bin("LEGATE_PILOT_BIN", "legate-pilot", "legate-control-plane")
 }

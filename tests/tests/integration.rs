@@ -1,6 +1,7 @@
 //! Legate's integration tests: the differential corpus against Envoy, malformed input over raw
 //! TCP, `--mode validate`, and xDS conformance against a scripted ADS server.
 
+mod demo;
 mod harness;
 mod lifecycle;
 mod malformed;
