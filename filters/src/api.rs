@@ -34,13 +34,32 @@ impl std::fmt::Debug for FilterStatus {
 }
 
 /// How a waiting phase ends.
-#[derive(Debug)]
 pub enum Resumption {
     /// Continue with the next filter, after setting these headers on the message the phase
     /// was looking at (request or response).
     Continue { set_headers: HeaderMap },
+    /// Continue with the next filter after running this edit on the request and the
+    /// context (removing or appending headers, leaving data for the response phase): what an
+    /// authorization answer asks for.
+    Apply(RequestEdit),
     /// Answer locally.
     LocalReply(LocalReply),
+}
+
+/// A change to the request and its context, made when a waiting request phase resumes.
+pub type RequestEdit = Box<dyn FnOnce(&mut RequestContext, &mut http::request::Parts) + Send>;
+
+impl std::fmt::Debug for Resumption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Resumption::Continue { set_headers } => f
+                .debug_struct("Continue")
+                .field("set_headers", set_headers)
+                .finish(),
+            Resumption::Apply(_) => f.write_str("Apply(..)"),
+            Resumption::LocalReply(r) => f.debug_tuple("LocalReply").field(r).finish(),
+        }
+    }
 }
 
 /// A filter's per-route configuration (`typed_per_filter_config`), built once by its factory
@@ -77,6 +96,8 @@ pub struct RequestContext {
     pub downstream_remote: Option<SocketAddr>,
     /// Address the downstream connection was accepted on.
     pub downstream_local: Option<SocketAddr>,
+    /// Whether the downstream connection is TLS (the request's scheme is `https`).
+    pub downstream_tls: bool,
     /// SNI sent by the downstream TLS client.
     pub requested_server_name: Option<String>,
     /// Subject alternative names (URI then DNS) of a verified downstream client certificate.

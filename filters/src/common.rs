@@ -10,8 +10,7 @@ use legate_proto::{DynamicMessage, ReflectMessage, Value};
 
 use crate::registry::FilterError;
 
-/// The fields a filter implements, per message type (the same lists as the proxy's gate).
-pub(crate) type FieldTable = &'static [(&'static str, &'static [&'static str])];
+pub(crate) use crate::registry::FieldTable;
 
 /// An error naming a configuration field.
 pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> FilterError {

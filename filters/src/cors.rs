@@ -237,6 +237,10 @@ impl FilterFactory for CorsFactory {
         CORS_TYPE_URL
     }
 
+    fn fields(&self) -> crate::registry::FieldTable {
+        FIELDS
+    }
+
     fn create(&self, name: &str, config: &DynamicMessage) -> Result<FilterConfig, FilterError> {
         let _: pb::Cors = common::decode(config, FIELDS)?;
         Ok(FilterConfig::Filter {

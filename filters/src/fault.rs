@@ -289,6 +289,10 @@ impl FilterFactory for FaultFactory {
         FAULT_TYPE_URL
     }
 
+    fn fields(&self) -> crate::registry::FieldTable {
+        FIELDS
+    }
+
     fn create(&self, name: &str, config: &DynamicMessage) -> Result<FilterConfig, FilterError> {
         Ok(FilterConfig::Filter {
             name: name.to_owned(),

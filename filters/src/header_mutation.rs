@@ -174,6 +174,10 @@ impl FilterFactory for HeaderMutationFactory {
         HEADER_MUTATION_TYPE_URL
     }
 
+    fn fields(&self) -> crate::registry::FieldTable {
+        FIELDS
+    }
+
     fn create(&self, name: &str, config: &DynamicMessage) -> Result<FilterConfig, FilterError> {
         let c: pb::HeaderMutation = common::decode(config, FIELDS)?;
         // With one per-route config per route, the order among per-route levels that this

@@ -138,6 +138,10 @@ impl FilterFactory for HealthCheckFactory {
         HEALTH_CHECK_TYPE_URL
     }
 
+    fn fields(&self) -> crate::registry::FieldTable {
+        FIELDS
+    }
+
     fn create(&self, name: &str, config: &DynamicMessage) -> Result<FilterConfig, FilterError> {
         let c: pb::HealthCheck = common::decode(config, FIELDS)?;
         let Some(pass_through) = c.pass_through_mode else {

@@ -9,6 +9,7 @@
 mod api;
 mod common;
 mod cors;
+mod ext_authz;
 mod fault;
 mod header_mutation;
 mod health_check;
@@ -16,10 +17,20 @@ mod local_ratelimit;
 mod rbac;
 mod registry;
 mod router;
+mod services;
 
 pub use api::{
-    FilterData, FilterStatus, HttpFilter, LocalReply, RequestContext, Resumption, RouteConfig,
+    FilterData, FilterStatus, HttpFilter, LocalReply, RequestContext, RequestEdit, Resumption,
+    RouteConfig,
 };
+pub use ext_authz::EXT_AUTHZ_TYPE_URL;
 pub use health_check::ServerHealth;
-pub use registry::{FilterConfig, FilterError, FilterFactory, FilterRegistry};
+pub use registry::{
+    typed_struct_json, FieldTable, FilterConfig, FilterError, FilterFactory, FilterRegistry,
+    ForeignConfig,
+};
 pub use router::{RouterConfig, RouterFactory, ROUTER_TYPE_URL};
+pub use services::{
+    BoxFuture, CallError, ClusterClient, Counter, GrpcCall, GrpcReply, Services, StatsScope,
+    StatsStore,
+};

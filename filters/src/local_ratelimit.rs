@@ -285,6 +285,10 @@ impl FilterFactory for LocalRateLimitFactory {
         LOCAL_RATELIMIT_TYPE_URL
     }
 
+    fn fields(&self) -> crate::registry::FieldTable {
+        FIELDS
+    }
+
     fn create(&self, name: &str, config: &DynamicMessage) -> Result<FilterConfig, FilterError> {
         Ok(FilterConfig::Filter {
             name: name.to_owned(),

@@ -486,6 +486,10 @@ impl FilterFactory for RbacFactory {
         RBAC_TYPE_URL
     }
 
+    fn fields(&self) -> crate::registry::FieldTable {
+        FIELDS
+    }
+
     fn create(&self, name: &str, config: &DynamicMessage) -> Result<FilterConfig, FilterError> {
         let c: pb::Rbac = common::decode(config, FIELDS)?;
         Ok(FilterConfig::Filter {

@@ -9,6 +9,16 @@ use crate::registry::{FilterConfig, FilterError, FilterFactory};
 pub const ROUTER_TYPE_URL: &str =
     "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
 
+/// The fields of the router's config Legate accepts.
+pub const FIELDS: crate::registry::FieldTable = &[(
+    "envoy.extensions.filters.http.router.v3.Router",
+    &[
+        "suppress_envoy_headers",
+        "dynamic_stats",
+        "start_child_span",
+    ],
+)];
+
 /// Router options Legate honours.
 #[derive(Debug, Clone, Default)]
 pub struct RouterConfig {
@@ -23,6 +33,10 @@ pub struct RouterFactory;
 impl FilterFactory for RouterFactory {
     fn type_url(&self) -> &'static str {
         ROUTER_TYPE_URL
+    }
+
+    fn fields(&self) -> crate::registry::FieldTable {
+        FIELDS
     }
 
     fn create(&self, _name: &str, config: &DynamicMessage) -> Result<FilterConfig, FilterError> {

@@ -42,9 +42,68 @@ pub fn pool() -> Result<DescriptorPool, ProtoError> {
     if let Some(p) = slot.as_ref() {
         return Ok(p.clone());
     }
-    let p = DescriptorPool::decode(DESCRIPTORS).map_err(|e| ProtoError::Pool(e.to_string()))?;
+    let mut p = DescriptorPool::decode(DESCRIPTORS).map_err(|e| ProtoError::Pool(e.to_string()))?;
+    for file in typed_struct_files() {
+        p.add_file_descriptor_proto(file)
+            .map_err(|e| ProtoError::Pool(e.to_string()))?;
+    }
     *slot = Some(p.clone());
     Ok(p)
+}
+
+/// The message names of `TypedStruct` (`xds.type.v3` and its older `udpa.type.v1` twin): an
+/// extension's configuration as its type URL plus a `google.protobuf.Struct` holding its
+/// proto3 JSON, which is how Envoy accepts configuration for extensions whose descriptors it
+/// does not link in.
+pub const TYPED_STRUCT_TYPES: [&str; 2] = ["xds.type.v3.TypedStruct", "udpa.type.v1.TypedStruct"];
+
+/// `TypedStruct` as a typed message (both packages share the wire format).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TypedStruct {
+    /// The type URL of the message the `value` describes.
+    #[prost(string, tag = "1")]
+    pub type_url: String,
+    /// The message in its proto3 JSON form.
+    #[prost(message, optional, tag = "2")]
+    pub value: Option<pb::google::protobuf::Struct>,
+}
+
+/// The descriptors of the two `TypedStruct` messages. `envoy-types` ships neither the
+/// `.proto` files nor the types, so they are described here field by field (two fields, from
+/// the xDS API reference) and added to the pool.
+fn typed_struct_files() -> Vec<prost_types::FileDescriptorProto> {
+    use prost_types::field_descriptor_proto::{Label, Type};
+    use prost_types::{DescriptorProto, FieldDescriptorProto, FileDescriptorProto};
+    let field = |name: &str, number: i32, ty: Type, type_name: Option<&str>| FieldDescriptorProto {
+        name: Some(name.to_owned()),
+        number: Some(number),
+        label: Some(Label::Optional as i32),
+        r#type: Some(ty as i32),
+        type_name: type_name.map(str::to_owned),
+        json_name: Some(if name == "type_url" { "typeUrl" } else { name }.to_owned()),
+        ..Default::default()
+    };
+    [
+        ("xds/type/v3/typed_struct.proto", "xds.type.v3"),
+        ("udpa/type/v1/typed_struct.proto", "udpa.type.v1"),
+    ]
+    .into_iter()
+    .map(|(file, package)| FileDescriptorProto {
+        name: Some(format!("legate/{file}")),
+        package: Some(package.to_owned()),
+        dependency: vec!["google/protobuf/struct.proto".to_owned()],
+        message_type: vec![DescriptorProto {
+            name: Some("TypedStruct".to_owned()),
+            field: vec![
+                field("type_url", 1, Type::String, None),
+                field("value", 2, Type::Message, Some(".google.protobuf.Struct")),
+            ],
+            ..Default::default()
+        }],
+        syntax: Some("proto3".to_owned()),
+        ..Default::default()
+    })
+    .collect()
 }
 
 /// Drops the cached pool; it is decoded again on next use. Messages already decoded keep
@@ -149,5 +208,23 @@ mod tests {
         let json = serde_json::json!({"static_resources": {"bogus": 1}});
         let err = dynamic_from_json("envoy.config.bootstrap.v3.Bootstrap", &json);
         assert!(matches!(err, Err(ProtoError::Json(m)) if m.contains("bogus")));
+    }
+
+    #[test]
+    fn typed_struct_decodes_from_json_and_bytes() -> Result<(), ProtoError> {
+        let ts = serde_json::json!({
+            "type_url": "type.googleapis.com/legate.example.AddHeader",
+            "value": {"name": "x-hello", "value": "world"}
+        });
+        for ty in TYPED_STRUCT_TYPES {
+            let msg = dynamic_from_json(ty, &ts)?;
+            let typed: TypedStruct = to_typed(&msg)?;
+            assert_eq!(
+                typed.type_url,
+                "type.googleapis.com/legate.example.AddHeader"
+            );
+            assert_eq!(typed.value.map(|v| v.fields.len()), Some(2));
+        }
+        Ok(())
     }
 }

@@ -197,6 +197,7 @@ pub async fn handle(
         ctx: RequestContext {
             downstream_remote: Some(conn.remote),
             downstream_local: Some(conn.local),
+            downstream_tls: conn.tls,
             requested_server_name: conn.sni.clone(),
             peer_principals: conn.peer_principals.clone(),
             ..Default::default()
@@ -528,6 +529,7 @@ impl Stream<'_> {
                             }
                         }
                     }
+                    Resumption::Apply(edit) => edit(&mut self.ctx, parts),
                     Resumption::LocalReply(r) => return Some(r),
                 },
             }
