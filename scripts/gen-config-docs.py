@@ -1,20 +1,24 @@
 #!/usr/bin/env python3
-"""Regenerates docs/configuration.md from the field tables in proxy/src/config/check.rs.
+"""Regenerates docs/configuration.md from Legate's field tables.
 
-A unit test (`config::check::tests::docs_list_every_table_entry`) fails when the two drift, so
-run this after changing the tables: python3 scripts/gen-config-docs.py
+The proxy's tables live in proxy/src/config/check.rs; each HTTP filter's table lives with the
+filter (its factory's `fields()`, in filters/src/). The script asks the code for all of them
+(an ignored unit test prints them as JSON), so there is one list per filter and this page
+follows it. A unit test (`config::check::tests::docs_list_every_table_entry`) fails when the
+page and the tables drift: run this after changing a table: python3 scripts/gen-config-docs.py
 """
+import json
 import os
-import re
+import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SRC = open(os.path.join(ROOT, "proxy/src/config/check.rs")).read()
 
 INTRO = """# Configuration reference
 
 Legate reads Envoy's v3 `Bootstrap` (YAML or JSON, the proto3 JSON mapping). Every field that
-is set is checked against the tables below (`proxy/src/config/check.rs`; this page is generated
-from them by `scripts/gen-config-docs.py`):
+is set is checked against the tables below (the proxy's in `proxy/src/config/check.rs`, each
+HTTP filter's in its factory, `FilterFactory::fields`; this page is generated from them by
+`scripts/gen-config-docs.py`):
 
 - a field in **Implemented** is honoured as Envoy documents it;
 - a field in **Accepted with a warning** tunes or observes without changing traffic; Legate logs
@@ -24,6 +28,11 @@ from them by `scripts/gen-config-docs.py`):
 - a field that is not in Envoy's API at all is an error too
   (`static_resources.clusters[0]: unrecognized field name 'bogus'`);
 - an extension (`typed_config`) whose `@type` is not listed is rejected with its type URL.
+
+An HTTP filter's `typed_config` may also be an `xds.type.v3.TypedStruct` (or
+`udpa.type.v1.TypedStruct`) whose `type_url` names a registered filter and whose `value` holds
+its configuration in proto3 JSON, as Envoy accepts it. That is how a filter built into a custom
+`legate` with its own configuration message is configured (see `docs/filters.md`).
 
 Defaults follow Envoy's (route timeout 15 s, `stream_idle_timeout` 5 min, connection
 `idle_timeout` 1 h, `max_request_headers_kb` 60, `generate_request_id` true,
@@ -43,25 +52,32 @@ buffer).
 """
 
 
-def table(name):
-    start = SRC.index(f"const {name}")
-    body = SRC[start:SRC.index("];\n", start)]
-    out = []
-    for m in re.finditer(r'\(\s*"([^"]+)",\s*&\[(.*?)\],?\s*\)', body, re.S):
-        out.append((m.group(1), re.findall(r'"([^"]+)"', m.group(2))))
-    return out
+def tables():
+    out = subprocess.run(
+        ["cargo", "test", "-q", "-p", "legate-proxy", "--lib", "--",
+         "--ignored", "--exact", "config::check::tests::print_field_tables", "--nocapture"],
+        cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    start = out.index("FIELD-TABLES-BEGIN") + len("FIELD-TABLES-BEGIN")
+    return json.loads(out[start:out.index("FIELD-TABLES-END")])
 
 
-def section(title, rows):
-    lines = [f"## {title}", ""]
-    for ty, fields in rows:
-        lines.append(f"- `{ty}`: " + (", ".join(f"`{f}`" for f in fields) if fields else "(no fields)"))
-    return lines
+def rows(table):
+    return [f"- `{ty}`: " + (", ".join(f"`{f}`" for f in fields) if fields else "(no fields)")
+            for ty, fields in table]
 
 
+t = tables()
 lines = [INTRO.rstrip(), ""]
-lines += section("Accepted with a warning", table("IGNORED")) + [""]
-lines += section("Implemented", table("SUPPORTED")) + [""]
+lines += ["## Accepted with a warning", ""] + rows(t["ignored"]) + [""]
+lines += ["## Implemented", ""] + rows(t["supported"]) + [""]
+lines += ["### HTTP filters", "",
+          "Each filter's configuration (and its per-route configuration) is checked against its",
+          "own table; the filter's factory decodes with the same table.", ""]
+for f in t["filters"]:
+    lines += [f"#### `{f['type']}`", ""]
+    if f["per_route"]:
+        lines += [f"Per-route configuration: `{f['per_route']}`.", ""]
+    lines += rows(f["fields"]) + [""]
 lines += ["Well-known `google.protobuf.*` types (durations, wrappers, `Struct`) are accepted wherever the",
           "field that holds them is implemented."]
 with open(os.path.join(ROOT, "docs/configuration.md"), "w") as f:

@@ -81,6 +81,7 @@ fn collect_stats(rt: &Runtime) -> Vec<(String, Stat)> {
             Stat::Gauge(c.balancer().hosts().len() as i64),
         ));
     }
+    rt.services.render(&mut out);
     out.push((
         "server.live".into(),
         Stat::Gauge(i64::from(!rt.is_draining())),

@@ -771,7 +771,7 @@ impl Stream<'_> {
             }
         }
         parts.extensions = http::Extensions::new();
-        let up_req = Request::from_parts(parts, body);
+        let up_req = Request::from_parts(parts, crate::upstream::UpstreamBody::from(body));
 
         cluster.stats.rq_total.inc();
         cluster.stats.rq_active.inc();

@@ -3,6 +3,7 @@
 pub mod accesslog;
 pub mod admin;
 pub mod body;
+mod cli;
 pub mod cluster;
 pub mod config;
 pub mod hcm;
@@ -11,9 +12,12 @@ pub mod listener;
 pub mod listener_manager;
 pub mod route;
 pub mod server;
+pub mod services;
 pub mod sniff;
 pub mod stats;
 pub mod tls;
 pub mod tls_inspector;
 pub mod upstream;
 pub mod xds;
+
+pub use cli::main_with_registry;

@@ -45,6 +45,8 @@ pub struct Runtime {
     /// bootstrap; with xDS, once the first complete configuration is applied or
     /// `initial_fetch_timeout` passed.
     initialized: AtomicBool,
+    /// The filters' cluster calls and counters.
+    pub services: Arc<crate::services::ProxyServices>,
     draining: AtomicBool,
     drain_tx: watch::Sender<bool>,
     shutdown_tx: watch::Sender<bool>,
@@ -119,6 +121,8 @@ pub struct ServeOptions {
     pub concurrency: usize,
     pub health: legate_filters::ServerHealth,
     pub registry: Arc<legate_filters::FilterRegistry>,
+    /// What the filter registry was given (see `FilterRegistry::set_services`).
+    pub services: Arc<crate::services::ProxyServices>,
 }
 
 /// Binds everything, serves until a signal or `/quitquitquit`, then drains and returns.
@@ -142,10 +146,12 @@ pub async fn run(bootstrap: Bootstrap, opts: ServeOptions) -> anyhow::Result<()>
         drain_time: opts.drain_time,
         health: opts.health.clone(),
         initialized: AtomicBool::new(bootstrap.dynamic.is_none()),
+        services: opts.services.clone(),
         draining: AtomicBool::new(false),
         drain_tx,
         shutdown_tx,
     });
+    runtime.services.bind(&runtime);
     // Clusters initialise (first DNS answers) before listeners take traffic.
     clusters.start_dns().await;
     let mut listeners = ListenerManager::new(runtime.clone());

@@ -5,7 +5,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper::body::Incoming;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -14,6 +16,62 @@ use tokio::net::TcpStream;
 
 use crate::cluster::{ClusterConfig, Host, UpstreamProtocol};
 use crate::stats::ClusterStats;
+
+pin_project_lite::pin_project! {
+    /// The body of a request sent upstream: the downstream request's, streamed, or one the
+    /// proxy built itself (a filter's call to a cluster).
+    #[project = UpstreamBodyProj]
+    #[derive(Debug)]
+    pub enum UpstreamBody {
+        Streamed { #[pin] body: Incoming },
+        Full { #[pin] body: Full<Bytes> },
+    }
+}
+
+impl From<Incoming> for UpstreamBody {
+    fn from(body: Incoming) -> Self {
+        UpstreamBody::Streamed { body }
+    }
+}
+
+impl From<Bytes> for UpstreamBody {
+    fn from(bytes: Bytes) -> Self {
+        UpstreamBody::Full {
+            body: Full::new(bytes),
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.project() {
+            UpstreamBodyProj::Streamed { body } => body.poll_frame(cx),
+            UpstreamBodyProj::Full { body } => body
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(|never| match never {}))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Streamed { body } => body.is_end_stream(),
+            UpstreamBody::Full { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Streamed { body } => body.size_hint(),
+            UpstreamBody::Full { body } => body.size_hint(),
+        }
+    }
+}
 
 /// TLS towards a cluster's hosts.
 #[derive(Debug)]
@@ -67,15 +125,15 @@ impl UpstreamError {
 /// Idle and shared connections of one host.
 #[derive(Debug, Default)]
 pub struct Pool {
-    idle: Mutex<Vec<http1::SendRequest<Incoming>>>,
-    h2: Mutex<Option<http2::SendRequest<Incoming>>>,
+    idle: Mutex<Vec<http1::SendRequest<UpstreamBody>>>,
+    h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
 }
 
 /// Hands an HTTP/1.1 connection back to its host's pool once the response has been read.
 #[derive(Debug)]
 pub struct PoolReturn {
     host: Arc<Host>,
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<UpstreamBody>,
 }
 
 impl PoolReturn {
@@ -90,8 +148,8 @@ impl PoolReturn {
 }
 
 enum Connected {
-    H1(http1::SendRequest<Incoming>),
-    H2(http2::SendRequest<Incoming>),
+    H1(http1::SendRequest<UpstreamBody>),
+    H2(http2::SendRequest<UpstreamBody>),
 }
 
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
@@ -102,7 +160,7 @@ pub async fn send(
     host: &Arc<Host>,
     cluster: &ClusterConfig,
     stats: &ClusterStats,
-    mut req: Request<Incoming>,
+    mut req: Request<UpstreamBody>,
 ) -> Result<(Response<Incoming>, Option<PoolReturn>), UpstreamError> {
     // A pooled connection may have been closed by the peer while idle; hyper hands the request
     // back when it was not sent, so it can go out on a fresh connection.
@@ -159,7 +217,7 @@ pub async fn send(
 
 /// Shapes a request for the upstream codec: HTTP/2 wants an absolute URI (its `:authority`
 /// comes from the `Host` header) and no `Host`; HTTP/1.1 wants origin form and a `Host`.
-fn fit_request(req: &mut Request<Incoming>, h2: bool, tls: bool) {
+fn fit_request<B>(req: &mut Request<B>, h2: bool, tls: bool) {
     let pq = req
         .uri()
         .path_and_query()
@@ -199,7 +257,7 @@ fn fit_request(req: &mut Request<Incoming>, h2: bool, tls: bool) {
     }
 }
 
-fn take_h2(host: &Host) -> Option<http2::SendRequest<Incoming>> {
+fn take_h2(host: &Host) -> Option<http2::SendRequest<UpstreamBody>> {
     let mut slot = host.pool.h2.lock().ok()?;
     match slot.as_ref() {
         Some(s) if !s.is_closed() => Some(s.clone()),
@@ -211,7 +269,7 @@ fn take_h2(host: &Host) -> Option<http2::SendRequest<Incoming>> {
     }
 }
 
-fn take_idle(host: &Host) -> Option<http1::SendRequest<Incoming>> {
+fn take_idle(host: &Host) -> Option<http1::SendRequest<UpstreamBody>> {
     let mut idle = host.pool.idle.lock().ok()?;
     while let Some(s) = idle.pop() {
         if s.is_ready() {

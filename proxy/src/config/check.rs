@@ -6,7 +6,15 @@
 //! error naming the field's path. `Any` values are opened and checked the same way, so an
 //! extension Legate does not implement is rejected with its type URL. The list of ignored
 //! fields is documented in `docs/configuration.md`.
+//!
+//! The tables here cover the proxy's own messages. An HTTP filter's configuration is checked
+//! against the table of the factory that claims its type in the [`FilterRegistry`]
+//! (`FilterFactory::fields`), the same table the factory decodes with: one list per filter.
+//! A `TypedStruct` (`xds.type.v3` or `udpa.type.v1`) is opened like an `Any`, and a filter
+//! whose message Legate has no descriptor for (a user filter's own type) is left to its
+//! factory, which validates it when it builds the filter.
 
+use legate_filters::{FieldTable, FilterRegistry};
 use legate_proto::{DynamicMessage, ReflectMessage, Value};
 
 /// Fields Legate implements, per message type.
@@ -141,7 +149,6 @@ const SUPPORTED: &[(&str, &[&str])] = &[
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter",
         &["name", "typed_config", "is_optional", "disabled"],
     ),
-    ("envoy.extensions.filters.http.router.v3.Router", &["suppress_envoy_headers", "dynamic_stats", "start_child_span"]),
     (
         "envoy.config.core.v3.HttpProtocolOptions",
         &["idle_timeout", "max_headers_count", "max_connection_duration", "max_stream_duration"],
@@ -336,129 +343,6 @@ const SUPPORTED: &[(&str, &[&str])] = &[
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.AutoHttpConfig",
         &["http_protocol_options", "http2_protocol_options"],
     ),
-    // HTTP filters (legate-filters): the same lists as each filter's own table.
-    (
-        "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-        &["mutations", "most_specific_header_mutations_wins"],
-    ),
-    (
-        "envoy.extensions.filters.http.header_mutation.v3.HeaderMutationPerRoute",
-        &["mutations"],
-    ),
-    (
-        "envoy.extensions.filters.http.header_mutation.v3.Mutations",
-        &["request_mutations", "response_mutations"],
-    ),
-    (
-        "envoy.config.common.mutation_rules.v3.HeaderMutation",
-        &["remove", "append", "remove_on_match"],
-    ),
-    (
-        "envoy.config.common.mutation_rules.v3.HeaderMutation.RemoveOnMatch",
-        &["key_matcher"],
-    ),
-    (
-        "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
-        &[
-            "stat_prefix",
-            "status",
-            "token_bucket",
-            "filter_enabled",
-            "filter_enforced",
-            "request_headers_to_add_when_not_enforced",
-            "response_headers_to_add",
-            "enable_x_ratelimit_headers",
-        ],
-    ),
-    ("envoy.type.v3.HttpStatus", &["code"]),
-    ("envoy.type.v3.TokenBucket", &["max_tokens", "tokens_per_fill", "fill_interval"]),
-    (
-        "envoy.config.core.v3.RuntimeFractionalPercent",
-        &["default_value", "runtime_key"],
-    ),
-    ("envoy.type.v3.FractionalPercent", &["numerator", "denominator"]),
-    (
-        "envoy.extensions.filters.http.fault.v3.HTTPFault",
-        &["delay", "abort", "max_active_faults", "disable_downstream_cluster_stats"],
-    ),
-    (
-        "envoy.extensions.filters.http.fault.v3.FaultAbort",
-        &["http_status", "header_abort", "percentage", "response_body"],
-    ),
-    ("envoy.extensions.filters.http.fault.v3.FaultAbort.HeaderAbort", &[]),
-    (
-        "envoy.extensions.filters.common.fault.v3.FaultDelay",
-        &["fixed_delay", "header_delay", "percentage"],
-    ),
-    ("envoy.extensions.filters.common.fault.v3.FaultDelay.HeaderDelay", &[]),
-    ("envoy.extensions.filters.http.cors.v3.Cors", &[]),
-    (
-        "envoy.extensions.filters.http.health_check.v3.HealthCheck",
-        &["pass_through_mode", "headers"],
-    ),
-    (
-        "envoy.extensions.filters.http.rbac.v3.RBAC",
-        &[
-            "rules",
-            "rules_stat_prefix",
-            "shadow_rules",
-            "shadow_rules_stat_prefix",
-            "track_per_rule_stats",
-        ],
-    ),
-    ("envoy.extensions.filters.http.rbac.v3.RBACPerRoute", &["rbac"]),
-    ("envoy.config.rbac.v3.RBAC", &["action", "policies"]),
-    ("envoy.config.rbac.v3.Policy", &["permissions", "principals"]),
-    (
-        "envoy.config.rbac.v3.Permission",
-        &[
-            "and_rules",
-            "or_rules",
-            "any",
-            "header",
-            "url_path",
-            "destination_ip",
-            "destination_port",
-            "destination_port_range",
-            "not_rule",
-            "requested_server_name",
-        ],
-    ),
-    ("envoy.config.rbac.v3.Permission.Set", &["rules"]),
-    (
-        "envoy.config.rbac.v3.Principal",
-        &[
-            "and_ids",
-            "or_ids",
-            "any",
-            "authenticated",
-            "direct_remote_ip",
-            "remote_ip",
-            "header",
-            "url_path",
-            "not_id",
-        ],
-    ),
-    ("envoy.config.rbac.v3.Principal.Set", &["ids"]),
-    ("envoy.config.rbac.v3.Principal.Authenticated", &["principal_name"]),
-    ("envoy.config.core.v3.CidrRange", &["address_prefix", "prefix_len"]),
-    ("envoy.type.v3.Int32Range", &["start", "end"]),
-    ("envoy.type.matcher.v3.PathMatcher", &["path"]),
-    (
-        "envoy.extensions.filters.http.cors.v3.CorsPolicy",
-        &[
-            "allow_origin_string_match",
-            "allow_methods",
-            "allow_headers",
-            "expose_headers",
-            "max_age",
-            "allow_credentials",
-            "filter_enabled",
-            "shadow_enabled",
-            "allow_private_network_access",
-            "forward_not_matching_preflights",
-        ],
-    ),
 ];
 
 /// Fields accepted with a warning because they tune or observe without changing traffic.
@@ -527,100 +411,173 @@ impl std::fmt::Display for Issue {
     }
 }
 
-/// Checks a message against the implemented-field tables. Errors and warnings are appended.
+/// Checks a message against the implemented-field tables (the proxy's, and the filters' of
+/// `registry`). Errors and warnings are appended.
 pub fn check_message(
     msg: &DynamicMessage,
     path: &str,
+    registry: &FilterRegistry,
     errors: &mut Vec<Issue>,
     warnings: &mut Vec<Issue>,
 ) {
-    let desc = msg.descriptor();
-    let type_name = desc.full_name();
-    if type_name.starts_with("google.protobuf.") && type_name != "google.protobuf.Any" {
-        return;
+    Checker {
+        registry,
+        errors,
+        warnings,
     }
-    if type_name == "google.protobuf.Any" {
-        check_any(msg, path, errors, warnings);
-        return;
-    }
-    let supported = lookup(SUPPORTED, type_name);
-    let ignored = lookup(IGNORED, type_name).unwrap_or(&[]);
-    for (field, value) in msg.fields() {
-        let name = field.name();
-        let field_path = join(path, name);
-        if supported.is_some_and(|s| s.contains(&name)) {
-            check_value(value, &field_path, errors, warnings);
-        } else if ignored.contains(&name) {
-            warnings.push(Issue {
-                path: field_path,
-                message: "ignored by Legate (no effect on traffic)".into(),
-            });
-        } else if supported.is_none() {
-            errors.push(Issue {
-                path: path.to_owned(),
-                message: format!("{type_name} is not supported by Legate"),
-            });
+    .message(msg, path, Tables::Proxy);
+}
+
+/// Which table the fields of a message are looked up in.
+#[derive(Clone, Copy)]
+enum Tables {
+    /// The proxy's own (`SUPPORTED`, `IGNORED`).
+    Proxy,
+    /// A filter factory's.
+    Filter(FieldTable),
+}
+
+struct Checker<'a> {
+    registry: &'a FilterRegistry,
+    errors: &'a mut Vec<Issue>,
+    warnings: &'a mut Vec<Issue>,
+}
+
+impl Checker<'_> {
+    fn message(&mut self, msg: &DynamicMessage, path: &str, tables: Tables) {
+        let desc = msg.descriptor();
+        let type_name = desc.full_name();
+        if type_name.starts_with("google.protobuf.") && type_name != "google.protobuf.Any" {
             return;
-        } else {
-            errors.push(Issue {
-                path: field_path,
-                message: "field not supported by Legate".into(),
-            });
         }
-    }
-}
-
-fn check_value(value: &Value, path: &str, errors: &mut Vec<Issue>, warnings: &mut Vec<Issue>) {
-    match value {
-        Value::Message(m) => check_message(m, path, errors, warnings),
-        Value::List(items) => {
-            for (i, item) in items.iter().enumerate() {
-                check_value(item, &format!("{path}[{i}]"), errors, warnings);
+        if type_name == "google.protobuf.Any" {
+            self.any(msg, path);
+            return;
+        }
+        let (supported, ignored) = match tables {
+            Tables::Proxy => (
+                lookup(SUPPORTED, type_name),
+                lookup(IGNORED, type_name).unwrap_or(&[]),
+            ),
+            Tables::Filter(t) => (lookup(t, type_name), &[][..]),
+        };
+        for (field, value) in msg.fields() {
+            let name = field.name();
+            let field_path = join(path, name);
+            if supported.is_some_and(|s| s.contains(&name)) {
+                self.value(value, &field_path, tables);
+            } else if ignored.contains(&name) {
+                self.warnings.push(Issue {
+                    path: field_path,
+                    message: "ignored by Legate (no effect on traffic)".into(),
+                });
+            } else if supported.is_none() {
+                self.errors.push(Issue {
+                    path: path.to_owned(),
+                    message: format!("{type_name} is not supported by Legate"),
+                });
+                return;
+            } else {
+                self.errors.push(Issue {
+                    path: field_path,
+                    message: "field not supported by Legate".into(),
+                });
             }
         }
-        Value::Map(map) => {
-            for (k, v) in map {
-                let key = match k {
-                    legate_proto::MapKey::String(s) => s.clone(),
-                    other => format!("{other:?}"),
-                };
-                check_value(v, &format!("{path}[\"{key}\"]"), errors, warnings);
-            }
-        }
-        _ => {}
     }
-}
 
-fn check_any(msg: &DynamicMessage, path: &str, errors: &mut Vec<Issue>, warnings: &mut Vec<Issue>) {
-    let type_url = match msg.get_field_by_name("type_url").as_deref() {
-        Some(Value::String(s)) => s.clone(),
-        _ => String::new(),
-    };
-    let bytes = match msg.get_field_by_name("value").as_deref() {
-        Some(Value::Bytes(b)) => b.clone(),
-        _ => Default::default(),
-    };
-    let type_name = legate_proto::type_name_of(&type_url);
-    if lookup(SUPPORTED, type_name).is_none() {
-        errors.push(Issue {
+    fn value(&mut self, value: &Value, path: &str, tables: Tables) {
+        match value {
+            Value::Message(m) => self.message(m, path, tables),
+            Value::List(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    self.value(item, &format!("{path}[{i}]"), tables);
+                }
+            }
+            Value::Map(map) => {
+                for (k, v) in map {
+                    let key = match k {
+                        legate_proto::MapKey::String(s) => s.clone(),
+                        other => format!("{other:?}"),
+                    };
+                    self.value(v, &format!("{path}[\"{key}\"]"), tables);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn err(&mut self, path: &str, message: String) {
+        self.errors.push(Issue {
             path: path.to_owned(),
-            message: format!("unsupported extension type {type_url}"),
+            message,
         });
-        return;
     }
-    match legate_proto::dynamic_from_bytes(type_name, &bytes) {
-        Ok(inner) => check_message(&inner, path, errors, warnings),
-        Err(e) => errors.push(Issue {
-            path: path.to_owned(),
-            message: e.to_string(),
-        }),
+
+    fn any(&mut self, msg: &DynamicMessage, path: &str) {
+        let type_url = match msg.get_field_by_name("type_url").as_deref() {
+            Some(Value::String(s)) => s.clone(),
+            _ => String::new(),
+        };
+        let bytes = match msg.get_field_by_name("value").as_deref() {
+            Some(Value::Bytes(b)) => b.clone(),
+            _ => Default::default(),
+        };
+        let type_name = legate_proto::type_name_of(&type_url);
+        if legate_proto::TYPED_STRUCT_TYPES.contains(&type_name) {
+            self.typed_struct(type_name, &bytes, path);
+            return;
+        }
+        let known = legate_proto::descriptor(type_name).is_ok();
+        let tables = match self.registry.factory_for_message(type_name) {
+            // A user filter's own message: its factory validates it.
+            Some(_) if !known => return,
+            Some(f) => Tables::Filter(f.fields()),
+            None if lookup(SUPPORTED, type_name).is_some() => Tables::Proxy,
+            None => {
+                self.err(path, format!("unsupported extension type {type_url}"));
+                return;
+            }
+        };
+        match legate_proto::dynamic_from_bytes(type_name, &bytes) {
+            Ok(inner) => self.message(&inner, path, tables),
+            Err(e) => self.err(path, e.to_string()),
+        }
+    }
+
+    /// A `TypedStruct` is accepted for a filter type the registry knows; its value is checked
+    /// against the filter's table when Legate has the message's descriptor.
+    fn typed_struct(&mut self, type_name: &str, bytes: &[u8], path: &str) {
+        let (inner_url, json) = match legate_filters::typed_struct_json(type_name, bytes) {
+            Ok(v) => v,
+            Err(e) => {
+                self.err(path, e.to_string());
+                return;
+            }
+        };
+        let inner_name = legate_proto::type_name_of(&inner_url);
+        let Some(factory) = self.registry.factory_for_message(inner_name) else {
+            self.err(
+                path,
+                format!("unsupported extension type {inner_url} (in a {type_name})"),
+            );
+            return;
+        };
+        if legate_proto::descriptor(inner_name).is_err() {
+            return;
+        }
+        match legate_proto::dynamic_from_json(inner_name, &json) {
+            Ok(inner) => self.message(
+                &inner,
+                &join(path, "value"),
+                Tables::Filter(factory.fields()),
+            ),
+            Err(e) => self.err(&join(path, "value"), e.to_string()),
+        }
     }
 }
 
-fn lookup(
-    table: &'static [(&str, &'static [&'static str])],
-    name: &str,
-) -> Option<&'static [&'static str]> {
+fn lookup(table: FieldTable, name: &str) -> Option<&'static [&'static str]> {
     table.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
 }
 
@@ -637,33 +594,85 @@ pub fn join(path: &str, field: &str) -> String {
 mod tests {
     use super::*;
 
-    /// `docs/configuration.md` must list every field Legate accepts or ignores.
+    /// The lines `scripts/gen-config-docs.py` writes for a table.
+    fn lines(table: FieldTable) -> Vec<(String, Vec<String>)> {
+        table
+            .iter()
+            .map(|(ty, fields)| {
+                (
+                    ty.to_string(),
+                    fields.iter().map(|f| f.to_string()).collect(),
+                )
+            })
+            .collect()
+    }
+
+    fn section<'a>(docs: &'a str, heading: &str) -> &'a str {
+        let Some(start) = docs.find(heading) else {
+            panic!("docs/configuration.md lacks {heading}")
+        };
+        let rest = &docs[start + heading.len()..];
+        let level = heading.split(' ').next().unwrap_or("##");
+        &rest[..rest.find(&format!("\n{level} ")).unwrap_or(rest.len())]
+    }
+
+    fn assert_listed(section: &str, table: FieldTable, what: &str) {
+        for (ty, fields) in lines(table) {
+            let line = section
+                .lines()
+                .find(|l| l.starts_with(&format!("- `{ty}`:")));
+            let Some(line) = line else {
+                panic!("docs/configuration.md does not list {ty} ({what}); run scripts/gen-config-docs.py")
+            };
+            for f in fields {
+                assert!(
+                    line.contains(&format!("`{f}`")),
+                    "docs/configuration.md: {ty} lacks {f} ({what}); run scripts/gen-config-docs.py"
+                );
+            }
+        }
+    }
+
+    /// `docs/configuration.md` must list every field Legate accepts or ignores: the proxy's
+    /// tables and every built-in filter's.
     #[test]
     fn docs_list_every_table_entry() {
         let docs = include_str!("../../../docs/configuration.md");
-        for (table, heading) in [
-            (SUPPORTED, "## Implemented"),
-            (IGNORED, "## Accepted with a warning"),
-        ] {
-            let Some(start) = docs.find(heading) else {
-                panic!("docs lack {heading}")
-            };
-            let section = &docs[start + heading.len()..];
-            let section = &section[..section.find("\n## ").unwrap_or(section.len())];
-            for (ty, fields) in table {
-                let line = section
-                    .lines()
-                    .find(|l| l.starts_with(&format!("- `{ty}`:")));
-                let Some(line) = line else {
-                    panic!("docs/configuration.md does not list {ty}")
-                };
-                for f in *fields {
-                    assert!(
-                        line.contains(&format!("`{f}`")),
-                        "docs/configuration.md: {ty} lacks {f}"
-                    );
-                }
-            }
+        assert_listed(
+            section(docs, "## Accepted with a warning"),
+            IGNORED,
+            "ignored",
+        );
+        let implemented = section(docs, "## Implemented");
+        let proxy = &implemented[..implemented.find("\n### ").unwrap_or(implemented.len())];
+        assert_listed(proxy, SUPPORTED, "implemented");
+        for f in FilterRegistry::with_builtins().factories() {
+            let heading = format!("#### `{}`", legate_proto::type_name_of(f.type_url()));
+            assert_listed(section(implemented, &heading), f.fields(), f.type_url());
         }
+    }
+
+    /// Prints every table as JSON for `scripts/gen-config-docs.py` (run with `--ignored`).
+    #[test]
+    #[ignore = "used by scripts/gen-config-docs.py"]
+    fn print_field_tables() {
+        let table = |t: FieldTable| serde_json::to_value(lines(t)).unwrap_or_default();
+        let filters: Vec<_> = FilterRegistry::with_builtins()
+            .factories()
+            .into_iter()
+            .map(|f| {
+                serde_json::json!({
+                    "type": legate_proto::type_name_of(f.type_url()),
+                    "per_route": f.route_config_type(),
+                    "fields": table(f.fields()),
+                })
+            })
+            .collect();
+        let all = serde_json::json!({
+            "ignored": table(IGNORED),
+            "supported": table(SUPPORTED),
+            "filters": filters,
+        });
+        println!("FIELD-TABLES-BEGIN\n{all}\nFIELD-TABLES-END");
     }
 }

@@ -205,7 +205,7 @@ fn convert<T: Message + Default, R>(
     let msg = legate_proto::dynamic_from_bytes(type_name, &any.value).map_err(|e| e.to_string())?;
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
-    super::check::check_message(&msg, "", &mut errors, &mut warnings);
+    super::check::check_message(&msg, "", registry, &mut errors, &mut warnings);
     for w in &warnings {
         tracing::debug!("{type_name}: {w}");
     }

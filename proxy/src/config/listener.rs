@@ -551,22 +551,19 @@ fn http_connection_manager(
             cx.err(&p, "typed_config is required");
             continue;
         };
-        let type_name = legate_proto::type_name_of(&any.type_url);
-        let dynamic = match legate_proto::dynamic_from_bytes(type_name, &any.value) {
-            Ok(d) => d,
-            Err(e) => {
-                cx.err(
-                    &format!("{p}.typed_config"),
-                    format!("unsupported filter type {}: {e}", any.type_url),
-                );
-                continue;
-            }
-        };
-        match cx.registry.create(&f.name, &any.type_url, &dynamic) {
-            Ok(FilterConfig::Router(r)) => router = Some(r),
-            Ok(FilterConfig::Filter { name, filter }) => filters.push(HcmFilter {
+        // Filters count their stats under the connection manager's `http.<stat_prefix>.`.
+        let services = cx
+            .registry
+            .services()
+            .scoped(&format!("http.{}.", h.stat_prefix));
+        match cx
+            .registry
+            .create_from_any(&f.name, &any.type_url, &any.value, &services)
+        {
+            Ok((_, FilterConfig::Router(r))) => router = Some(r),
+            Ok((type_url, FilterConfig::Filter { name, filter })) => filters.push(HcmFilter {
                 name,
-                type_url: any.type_url.clone(),
+                type_url,
                 filter,
                 disabled_by_default: f.disabled,
             }),

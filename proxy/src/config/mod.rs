@@ -228,7 +228,7 @@ pub fn load_json(
         .map_err(|e| ConfigError::Parse(e.to_string()))?;
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
-    check::check_message(&msg, "", &mut errors, &mut warnings);
+    check::check_message(&msg, "", registry, &mut errors, &mut warnings);
     if !errors.is_empty() {
         return Err(ConfigError::Invalid(errors));
     }

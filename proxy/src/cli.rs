@@ -1,0 +1,192 @@
+//! The `legate` command line (Envoy's), as a library entry point: the `legate` binary calls
+//! [`main_with_registry`] with the built-in filters, and a build with extra filters calls it
+//! with its own registry (see `examples/filters/hello-filter`).
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use legate_filters::FilterRegistry;
+
+use crate::config;
+use crate::server::{self, ServeOptions};
+use crate::services::ProxyServices;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "legate",
+    version,
+    about = "Legate: an Envoy-compatible L7 proxy"
+)]
+struct Args {
+    /// Bootstrap file (YAML or JSON, Envoy v3 API).
+    #[arg(short = 'c', long = "config-path")]
+    config_path: Option<String>,
+    /// Bootstrap as a YAML string, merged over --config-path.
+    #[arg(long = "config-yaml")]
+    config_yaml: Option<String>,
+    /// `serve` (default) or `validate`.
+    #[arg(long, default_value = "serve")]
+    mode: String,
+    /// Worker threads (default: number of CPUs).
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// trace, debug, info, warning/warn, error, critical, off.
+    #[arg(short = 'l', long = "log-level", default_value = "info")]
+    log_level: String,
+    /// Overrides node.id.
+    #[arg(long = "service-node")]
+    service_node: Option<String>,
+    /// Overrides node.cluster.
+    #[arg(long = "service-cluster")]
+    service_cluster: Option<String>,
+    /// How long to drain connections on shutdown.
+    #[arg(long = "drain-time-s", default_value_t = 600)]
+    drain_time_s: u64,
+    /// Writes the admin address here once it is bound.
+    #[arg(long = "admin-address-path")]
+    admin_address_path: Option<String>,
+    /// Accepted for compatibility; hot restart is not enabled in this build.
+    #[arg(long = "disable-hot-restart")]
+    disable_hot_restart: bool,
+    /// Accepted for compatibility with Envoy's hot restart arguments.
+    #[arg(long = "base-id")]
+    base_id: Option<u32>,
+    /// Hot restart epoch; only 0 is supported in this build.
+    #[arg(long = "restart-epoch", default_value_t = 0)]
+    restart_epoch: u32,
+}
+
+/// Merges `b` into `a` as Envoy merges `--config-yaml` over the file: objects key by key,
+/// everything else (lists included) replaced.
+fn merge(a: &mut serde_json::Value, b: serde_json::Value) {
+    match (a, b) {
+        (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+            for (k, v) in b {
+                merge(a.entry(k).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        (a, b) => *a = b,
+    }
+}
+
+/// Hands the memory freed after reading the configuration back to the system. glibc keeps
+/// freed heap memory that is not at the top of the heap; `malloc_trim` releases it.
+#[allow(unsafe_code)]
+fn release_free_memory() {
+    // SAFETY: malloc_trim only walks glibc's own heap structures; it takes no pointers from us.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+fn init_logging(level: &str) -> anyhow::Result<()> {
+    let level = match level {
+        "warning" => "warn",
+        "critical" => "error",
+        "trace" | "debug" | "info" | "warn" | "error" | "off" => level,
+        other => anyhow::bail!("invalid log level {other:?}"),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LEGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    Ok(())
+}
+
+/// Runs `legate` with the filters of `registry`: parses Envoy's command line, reads and
+/// validates the bootstrap, serves until a signal, and returns the process exit code.
+pub fn main_with_registry(registry: FilterRegistry) -> std::process::ExitCode {
+    match real_main(registry) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(mut registry: FilterRegistry) -> anyhow::Result<std::process::ExitCode> {
+    let args = Args::parse();
+    init_logging(&args.log_level)?;
+    if args.restart_epoch != 0 {
+        anyhow::bail!(
+            "--restart-epoch {}: hot restart is not available in this build",
+            args.restart_epoch
+        );
+    }
+    let _ = (args.disable_hot_restart, args.base_id);
+    let mut json = match &args.config_path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {p}"))?;
+            config::parse_text(&text)?
+        }
+        None => serde_json::Value::Object(Default::default()),
+    };
+    if let Some(y) = &args.config_yaml {
+        merge(&mut json, config::parse_text(y)?);
+    }
+    if args.config_path.is_none() && args.config_yaml.is_none() {
+        anyhow::bail!("a configuration is required: -c FILE or --config-yaml STRING");
+    }
+    if let Some(node) = &args.service_node {
+        merge(&mut json, serde_json::json!({"node": {"id": node}}));
+    }
+    if let Some(cluster) = &args.service_cluster {
+        merge(&mut json, serde_json::json!({"node": {"cluster": cluster}}));
+    }
+    let services = ProxyServices::new();
+    registry.set_services(services.handle());
+    let name = args
+        .config_path
+        .clone()
+        .unwrap_or_else(|| "--config-yaml".into());
+    let validate = args.mode == "validate";
+    if !validate && args.mode != "serve" {
+        anyhow::bail!("--mode {}: expected serve or validate", args.mode);
+    }
+    // Building TLS contexts and access-log writers needs no runtime, but log files are opened
+    // here, so validate mode builds exactly what serve mode would.
+    let bootstrap = match config::load_json(json, &registry) {
+        Ok(b) => b,
+        Err(e) => {
+            if validate {
+                println!("error initializing configuration '{name}':\n{e}");
+                return Ok(std::process::ExitCode::FAILURE);
+            }
+            anyhow::bail!("error initializing configuration '{name}':\n{e}");
+        }
+    };
+    // The descriptors are only needed to read configuration; an idle proxy should not carry
+    // them.
+    legate_proto::release_pool();
+    release_free_memory();
+    for w in &bootstrap.warnings {
+        tracing::warn!("{w}");
+    }
+    if validate {
+        println!("configuration '{name}' OK");
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    let concurrency = args
+        .concurrency
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(concurrency)
+        .enable_all()
+        .build()?;
+    let opts = ServeOptions {
+        drain_time: Duration::from_secs(args.drain_time_s),
+        admin_address_path: args.admin_address_path.clone(),
+        command_line: std::env::args().collect(),
+        concurrency,
+        health: registry.server_health(),
+        registry: std::sync::Arc::new(registry),
+        services,
+    };
+    rt.block_on(server::run(bootstrap, opts))?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
