@@ -140,11 +140,13 @@ impl Mutation {
         } else {
             HeaderValue::from_bytes(&h.raw_value).ok()?
         };
+        // Envoy 1.40 reads `append_action` only for response headers; a request header is
+        // joined to an existing value with `append: true` and set otherwise.
         let action = match (o.append.as_ref().map(|b| b.value), response) {
             (Some(true), true) => Action::Add,
             (Some(true), false) => Action::Append,
-            (Some(false), _) => Action::Set,
-            (None, _) => match A::try_from(o.append_action) {
+            (Some(false), _) | (None, false) => Action::Set,
+            (None, true) => match A::try_from(o.append_action) {
                 Ok(A::AppendIfExistsOrAdd) => Action::Add,
                 Ok(A::AddIfAbsent) => Action::AddIfAbsent,
                 Ok(A::OverwriteIfExists) => Action::OverwriteIfExists,
@@ -612,18 +614,20 @@ mod tests {
     }
 
     #[test]
-    fn request_mutations_follow_envoy_actions() {
+    fn mutations_follow_envoy_actions() {
         let mut h = HeaderMap::new();
         h.insert("a", HeaderValue::from_static("1"));
         h.insert("b", HeaderValue::from_static("1"));
-        for (k, v, append, action) in [
-            ("a", "2", None, 0),        // APPEND_IF_EXISTS_OR_ADD: another value
-            ("b", "2", Some(true), 0),  // deprecated append: joined
-            ("c", "3", Some(false), 0), // set
-            ("d", "4", None, 3),        // OVERWRITE_IF_EXISTS: absent, nothing
-            ("a", "5", None, 1),        // ADD_IF_ABSENT: present, nothing
+        for (k, v, append, action, response) in [
+            ("a", "2", None, 0, false),       // request, no append: set
+            ("b", "2", Some(true), 0, false), // request, append: joined
+            ("e", "2", Some(true), 0, false), // request, append to nothing: nothing
+            ("c", "3", None, 0, true),        // response, APPEND_IF_EXISTS_OR_ADD: added
+            ("c", "4", Some(true), 0, true),  // response, append: another value
+            ("d", "4", None, 3, true),        // OVERWRITE_IF_EXISTS: absent, nothing
+            ("a", "5", None, 1, true),        // ADD_IF_ABSENT: present, nothing
         ] {
-            if let Some(m) = Mutation::new(&mutation(k, v, append, action), false) {
+            if let Some(m) = Mutation::new(&mutation(k, v, append, action), response) {
                 m.apply(&mut h);
             }
         }
@@ -633,10 +637,11 @@ mod tests {
                 .filter_map(|v| v.to_str().ok())
                 .collect::<Vec<_>>()
         };
-        assert_eq!(all("a"), ["1", "2"]);
+        assert_eq!(all("a"), ["2"]);
         assert_eq!(all("b"), ["1,2"]);
-        assert_eq!(all("c"), ["3"]);
+        assert_eq!(all("c"), ["3", "4"]);
         assert!(all("d").is_empty());
+        assert!(all("e").is_empty());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! TCP, `--mode validate`, and xDS conformance against a scripted ADS server.
 
 mod demo;
+mod ext_authz;
 mod harness;
 mod lifecycle;
 mod malformed;
