@@ -77,7 +77,18 @@ impl Proxy {
 
     /// Starts `kind` with the bootstrap at `config`, in `dir`, and waits until it is ready.
     pub async fn start(kind: ProxyKind, config: &Path, dir: &Path) -> Result<Self> {
-        Self::launch(kind, config, dir, Wait::Ready, &[]).await
+        Self::launch(kind, kind.binary()?, config, dir, Wait::Ready, &[]).await
+    }
+
+    /// Like [`start`](Self::start) with another binary of the same kind (a `legate` built
+    /// with extra filters).
+    pub async fn start_binary(
+        kind: ProxyKind,
+        bin: &Path,
+        config: &Path,
+        dir: &Path,
+    ) -> Result<Self> {
+        Self::launch(kind, bin.to_path_buf(), config, dir, Wait::Ready, &[]).await
     }
 
     /// Starts `kind` with `extra_args` (command-line options both proxies take, such as
@@ -90,7 +101,7 @@ impl Proxy {
         dir: &Path,
         extra_args: &[&str],
     ) -> Result<Self> {
-        Self::launch(kind, config, dir, Wait::Admin, extra_args).await
+        Self::launch(kind, kind.binary()?, config, dir, Wait::Admin, extra_args).await
     }
 
     /// The listeners the admin reports now (name → bound address).
@@ -125,12 +136,12 @@ impl Proxy {
 
     async fn launch(
         kind: ProxyKind,
+        bin: std::path::PathBuf,
         config: &Path,
         dir: &Path,
         wait: Wait,
         extra_args: &[&str],
     ) -> Result<Self> {
-        let bin = kind.binary()?;
         let admin_file = dir.join(format!("{}.admin", kind.name()));
         let _ = std::fs::remove_file(&admin_file);
         let mut args: Vec<String> = vec![

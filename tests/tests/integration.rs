@@ -9,5 +9,6 @@ mod malformed;
 mod malformed_h2;
 mod pilot;
 mod scenarios;
+mod user_filter;
 mod validate;
 mod xds;
