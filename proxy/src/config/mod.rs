@@ -386,4 +386,44 @@ mod tests {
         let msg = err.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(msg.contains("tcp_proxy"), "{msg}");
     }
+
+    fn with_filter(filter: &str) -> String {
+        format!(
+            "static_resources:\n  listeners:\n  - name: l\n    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}\n    filter_chains:\n    - filters:\n      - name: hcm\n        typed_config:\n          '@type': type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n          stat_prefix: x\n          route_config: {{virtual_hosts: [{{name: v, domains: ['*'], routes: [{{match: {{prefix: /}}, direct_response: {{status: 200}}}}]}}]}}\n          http_filters:\n          - name: f\n            typed_config: {filter}\n          - name: envoy.filters.http.router\n            typed_config: {{'@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}\n"
+        )
+    }
+
+    #[test]
+    fn a_filter_field_is_checked_against_its_factory_table() {
+        let path = "static_resources.listeners[0].filter_chains[0].filters[0].typed_config.http_filters[0].typed_config";
+        let err = load(&with_filter(
+            "{'@type': type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz, grpc_service: {envoy_grpc: {cluster_name: a}}, with_request_body: {max_request_bytes: 1}}",
+        ));
+        let msg = err.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            msg.contains(&format!("{path}.with_request_body: field not supported by Legate")),
+            "{msg}"
+        );
+        // The same message through a TypedStruct is checked the same way.
+        let err = load(&with_filter(
+            "{'@type': type.googleapis.com/xds.type.v3.TypedStruct, type_url: type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz, value: {grpc_service: {envoy_grpc: {cluster_name: a}}, with_request_body: {max_request_bytes: 1}}}",
+        ));
+        let msg = err.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            msg.contains(&format!("{path}.value.with_request_body: field not supported by Legate")),
+            "{msg}"
+        );
+        let err = load(&with_filter(
+            "{'@type': type.googleapis.com/udpa.type.v1.TypedStruct, type_url: type.googleapis.com/acme.Unknown, value: {}}",
+        ));
+        let msg = err.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            msg.contains(&format!("{path}: unsupported extension type type.googleapis.com/acme.Unknown")),
+            "{msg}"
+        );
+        assert!(load(&with_filter(
+            "{'@type': type.googleapis.com/xds.type.v3.TypedStruct, type_url: type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz, value: {grpc_service: {envoy_grpc: {cluster_name: a}}, failure_mode_allow: true}}",
+        ))
+        .is_ok());
+    }
 }
