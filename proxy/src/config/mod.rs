@@ -401,7 +401,9 @@ mod tests {
         ));
         let msg = err.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(
-            msg.contains(&format!("{path}.with_request_body: field not supported by Legate")),
+            msg.contains(&format!(
+                "{path}.with_request_body: field not supported by Legate"
+            )),
             "{msg}"
         );
         // The same message through a TypedStruct is checked the same way.
@@ -410,7 +412,9 @@ mod tests {
         ));
         let msg = err.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(
-            msg.contains(&format!("{path}.value.with_request_body: field not supported by Legate")),
+            msg.contains(&format!(
+                "{path}.value.with_request_body: field not supported by Legate"
+            )),
             "{msg}"
         );
         let err = load(&with_filter(
@@ -418,7 +422,9 @@ mod tests {
         ));
         let msg = err.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(
-            msg.contains(&format!("{path}: unsupported extension type type.googleapis.com/acme.Unknown")),
+            msg.contains(&format!(
+                "{path}: unsupported extension type type.googleapis.com/acme.Unknown"
+            )),
             "{msg}"
         );
         assert!(load(&with_filter(
