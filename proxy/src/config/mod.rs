@@ -432,4 +432,23 @@ mod tests {
         ))
         .is_ok());
     }
+
+    #[test]
+    fn a_per_route_config_may_be_a_typed_struct() {
+        let yaml = |per_route: &str| {
+            with_filter("{'@type': type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz, grpc_service: {envoy_grpc: {cluster_name: a}}}")
+                .replace(
+                    "direct_response: {status: 200}}",
+                    &format!("direct_response: {{status: 200}}, typed_per_filter_config: {{f: {per_route}}}}}"),
+                )
+        };
+        let ok = load(&yaml("{'@type': type.googleapis.com/xds.type.v3.TypedStruct, type_url: type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute, value: {disabled: true}}"));
+        assert!(ok.is_ok(), "{:?}", ok.err().map(|e| e.to_string()));
+        let err = load(&yaml("{'@type': type.googleapis.com/xds.type.v3.TypedStruct, type_url: type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute, value: {check_settings: {with_request_body: {max_request_bytes: 1}}}}"));
+        let msg = err.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            msg.contains("typed_per_filter_config[\"f\"].value.check_settings.with_request_body: field not supported by Legate"),
+            "{msg}"
+        );
+    }
 }

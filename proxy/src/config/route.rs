@@ -168,7 +168,22 @@ fn per_filter(
             out.insert(name.clone(), RouteFilter::Enabled(None));
             continue;
         };
-        let ty = legate_proto::type_name_of(&inner.type_url);
+        let outer = legate_proto::type_name_of(&inner.type_url);
+        // A `TypedStruct` carries the message as proto3 JSON (Envoy accepts it here too).
+        let typed_struct = if legate_proto::TYPED_STRUCT_TYPES.contains(&outer) {
+            match legate_filters::typed_struct_json(outer, &inner.value) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    cx.err(&p, e.to_string());
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
+        let ty = typed_struct
+            .as_ref()
+            .map_or(outer, |(url, _)| legate_proto::type_name_of(url));
         if factory.route_config_type() != Some(ty) {
             cx.err(
                 &p,
@@ -176,7 +191,11 @@ fn per_filter(
             );
             continue;
         }
-        let built = legate_proto::dynamic_from_bytes(ty, &inner.value)
+        let decoded = match &typed_struct {
+            Some((_, json)) => legate_proto::dynamic_from_json(ty, json),
+            None => legate_proto::dynamic_from_bytes(ty, &inner.value),
+        };
+        let built = decoded
             .map_err(|e| e.to_string())
             .and_then(|d| factory.create_route_config(&d).map_err(|e| e.to_string()));
         match built {
