@@ -106,3 +106,9 @@ pub fn legate_bin() -> Result<PathBuf> {
 pub fn pilot_bin() -> Result<PathBuf> {
     workspace_bin("LEGATE_PILOT_BIN", "legate-pilot", "legate-control-plane")
 }
+
+/// legate-hello (`examples/filters/hello-filter`, a `legate` with a user filter):
+/// `$LEGATE_HELLO_BIN`, else `<target>/debug/legate-hello`.
+pub fn hello_bin() -> Result<PathBuf> {
+    workspace_bin("LEGATE_HELLO_BIN", "legate-hello", "legate-hello-filter")
+}

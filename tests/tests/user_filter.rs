@@ -3,27 +3,14 @@
 //! The same bootstrap serves traffic through that binary and is refused by plain `legate`,
 //! which has no factory for the type.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Result};
-use legate_tests::bins::{legate_bin, ProxyKind};
+use anyhow::{ensure, Result};
+use legate_tests::bins::{hello_bin, legate_bin, ProxyKind};
 use legate_tests::client::{admin_get, send, Request, Transport};
 use legate_tests::process::{run_to_completion, TempDir};
 use legate_tests::proxy::Proxy;
 use legate_tests::upstream::{Echo, Upstream};
-
-/// `legate-hello`, next to the `legate` the tests use.
-fn hello_bin() -> Result<PathBuf> {
-    let path = legate_bin()?.with_file_name("legate-hello");
-    if !path.is_file() {
-        bail!(
-            "{} not found: build it with `cargo build -p legate-hello-filter`",
-            path.display()
-        );
-    }
-    Ok(path)
-}
 
 fn bootstrap(port: u16, value: &str) -> String {
     format!(
