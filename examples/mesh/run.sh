@@ -68,9 +68,10 @@ start() { # name, then the command
   PIDS+=($!)
 }
 
-wait_for() { # what, command...: polls for up to 20 s
+wait_for() { # what, command...: polls for up to 30 s
   local what=$1; shift
-  for _ in $(seq 1 200); do
+  local until=$(( $(date +%s) + 30 ))
+  while (( $(date +%s) < until )); do
     if "$@" >/dev/null 2>&1; then return 0; fi
     sleep 0.1
   done
@@ -160,7 +161,8 @@ echo "ok: gateway → productpage → sidecar → reviews-v1"
 sed -i "s/- addresses: \[$RV_IP\]/- addresses: [$RV_IP, $RV2_IP]/" "$MANIFESTS/reviews.yaml"
 edited=$(date +%s%N)
 seen=false
-for _ in $(seq 1 100); do
+until=$(( $(date +%s) + 20 ))
+while (( $(date +%s) < until )); do
   if get "http://$GW_IP:8080/reviews" shop.example.com | grep -q reviews-v2; then
     seen=true
     break

@@ -70,16 +70,6 @@ fn merge(a: &mut serde_json::Value, b: serde_json::Value) {
     }
 }
 
-/// Hands the memory freed after reading the configuration back to the system. glibc keeps
-/// freed heap memory that is not at the top of the heap; `malloc_trim` releases it.
-#[allow(unsafe_code)]
-fn release_free_memory() {
-    // SAFETY: malloc_trim only walks glibc's own heap structures; it takes no pointers from us.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 fn init_logging(level: &str) -> anyhow::Result<()> {
     let level = match level {
         "warning" => "warn",
@@ -161,8 +151,7 @@ fn real_main(mut registry: FilterRegistry) -> anyhow::Result<std::process::ExitC
     };
     // The descriptors are only needed to read configuration; an idle proxy should not carry
     // them.
-    legate_proto::release_pool();
-    release_free_memory();
+    crate::memory::release_config_memory();
     for w in &bootstrap.warnings {
         tracing::warn!("{w}");
     }

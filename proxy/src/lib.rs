@@ -10,6 +10,7 @@ pub mod hcm;
 pub mod lb;
 pub mod listener;
 pub mod listener_manager;
+pub mod memory;
 pub mod route;
 pub mod server;
 pub mod services;

@@ -41,6 +41,9 @@ const BACKOFF_BASE: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// The gRPC status code Envoy puts in a NACK's `error_detail` (INTERNAL).
 const NACK_CODE: i32 = 13;
+/// After this long without an update, the descriptors decoded to read resources are dropped
+/// (an idle sidecar should not carry them; the next update decodes them again).
+const CONFIG_MEMORY_IDLE: Duration = Duration::from_secs(10);
 
 /// Runs the client forever: stream, and on failure reconnect after a jittered backoff.
 pub(super) async fn run(
@@ -256,6 +259,7 @@ async fn sotw(
         .await?
         .into_inner();
     tracing::info!("xDS: state-of-the-world ADS stream open");
+    let mut release_at: Option<tokio::time::Instant> = None;
     loop {
         let deadline = state.next_deadline().map(tokio::time::Instant::from_std);
         let resp: DiscoveryResponse = tokio::select! {
@@ -267,7 +271,13 @@ async fn sotw(
                 state.tick();
                 continue;
             }
+            _ = sleep_until_opt(release_at) => {
+                release_at = None;
+                crate::memory::release_config_memory();
+                continue;
+            }
         };
+        release_at = Some(tokio::time::Instant::now() + CONFIG_MEMORY_IDLE);
         *progressed = true;
         let Some(kind) = Kind::from_type_url(&resp.type_url) else {
             let _ = tx.send(DiscoveryRequest {
@@ -388,6 +398,7 @@ async fn delta(
         .await?
         .into_inner();
     tracing::info!("xDS: delta ADS stream open");
+    let mut release_at: Option<tokio::time::Instant> = None;
     loop {
         let deadline = state.next_deadline().map(tokio::time::Instant::from_std);
         let resp: DeltaDiscoveryResponse = tokio::select! {
@@ -399,7 +410,13 @@ async fn delta(
                 state.tick();
                 continue;
             }
+            _ = sleep_until_opt(release_at) => {
+                release_at = None;
+                crate::memory::release_config_memory();
+                continue;
+            }
         };
+        release_at = Some(tokio::time::Instant::now() + CONFIG_MEMORY_IDLE);
         *progressed = true;
         let Some(kind) = Kind::from_type_url(&resp.type_url) else {
             let _ = tx.send(DeltaDiscoveryRequest {
