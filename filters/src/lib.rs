@@ -20,8 +20,8 @@ mod router;
 mod services;
 
 pub use api::{
-    FilterData, FilterStatus, HttpFilter, LocalReply, RequestContext, RequestEdit, Resumption,
-    RouteConfig,
+    Data, DataStatus, FilterData, FilterStatus, HttpFilter, LocalReply, Phases, RequestContext,
+    RequestEdit, Resumption, RouteConfig, Trailers,
 };
 pub use ext_authz::EXT_AUTHZ_TYPE_URL;
 pub use health_check::ServerHealth;
