@@ -7,10 +7,13 @@
 //! is terminal and implemented by the proxy itself. See `docs/filters.md` for the phase chart.
 
 mod api;
+mod buffer;
 mod common;
+mod compressor;
 mod cors;
 mod ext_authz;
 mod fault;
+mod grpc_web;
 mod header_mutation;
 mod health_check;
 mod local_ratelimit;
