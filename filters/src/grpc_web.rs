@@ -192,14 +192,21 @@ impl HttpFilter for GrpcWebFilter {
                 HeaderValue::from_static("identity,deflate,gzip"),
             );
         }
+        let text_request = content_type == GRPC_WEB_TEXT || content_type == GRPC_WEB_TEXT_PROTO;
         ctx.filter_data.insert(
             &self.name,
             Call {
-                text_request: content_type == GRPC_WEB_TEXT || content_type == GRPC_WEB_TEXT_PROTO,
+                text_request,
                 text_response,
                 ..Default::default()
             },
         );
+        if text_request {
+            // Until the first base64 block decodes, so that a bad body is answered with 400
+            // before the call reaches the upstream (Envoy streams the headers first and
+            // resets the upstream call).
+            return FilterStatus::StopIteration;
+        }
         FilterStatus::Continue
     }
 

@@ -773,6 +773,10 @@ impl Stream<'_> {
                 return self.local(LocalReply::new(StatusCode::SERVICE_UNAVAILABLE, e.body()));
             }
         };
+        if let Some(r) = self.ctx.take_local_reply() {
+            // A request data phase answered locally while the upstream was answering.
+            return self.local(r);
+        }
         cluster.stats.rq_classes.record(resp.status().as_u16());
         self.details = "via_upstream";
         let mut resp = resp;

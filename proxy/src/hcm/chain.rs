@@ -195,6 +195,15 @@ impl Stream<'_> {
         } else {
             self.ran_filters & phase_mask(&hcm.filters, Phases::RESPONSE_BODY)
         };
+        if response_filters != 0 && !parts.headers.contains_key(http::header::CONTENT_LENGTH) {
+            // A local reply's length, as Envoy's local replies carry it, for the filters that
+            // look at it (the compressor's `min_content_length`).
+            if let Some(len) = body.size_hint().exact() {
+                parts
+                    .headers
+                    .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+            }
+        }
         let mut before = hcm.filters.len();
         let mut held = false;
         loop {
