@@ -505,3 +505,135 @@ impl Body for FilteredBody {
         SizeHint::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use http_body_util::BodyExt;
+    use legate_filters::FilterStatus;
+
+    /// Upper-cases request data; buffers it all when `buffer`; adds a trailer at the end.
+    #[derive(Debug)]
+    struct Upper {
+        buffer: bool,
+    }
+
+    impl HttpFilter for Upper {
+        fn phases(&self) -> Phases {
+            Phases::HEADERS | Phases::REQUEST_BODY | Phases::RESPONSE_BODY
+        }
+
+        fn on_request_headers(
+            &self,
+            _ctx: &mut RequestContext,
+            _parts: &mut http::request::Parts,
+        ) -> FilterStatus {
+            FilterStatus::Continue
+        }
+
+        fn on_request_data(&self, _ctx: &mut RequestContext, data: &mut Data<'_>) -> DataStatus {
+            if self.buffer && !data.end_stream {
+                return DataStatus::StopAndBuffer;
+            }
+            data.data = Bytes::from(data.data.to_ascii_uppercase());
+            if data.end_stream {
+                if let Some(h) = data.headers.as_deref_mut() {
+                    h.insert("x-len", HeaderValue::from(data.data.len()));
+                }
+                let mut t = HeaderMap::new();
+                t.insert("x-done", HeaderValue::from_static("1"));
+                data.add_trailers = Some(t);
+            }
+            DataStatus::Continue
+        }
+
+        fn on_response_trailers(
+            &self,
+            _ctx: &mut RequestContext,
+            trailers: &mut Trailers<'_>,
+        ) -> DataStatus {
+            let mut d = trailers.data.to_vec();
+            d.extend_from_slice(b"|end");
+            trailers.data = Bytes::from(d);
+            trailers.trailers.clear();
+            DataStatus::Continue
+        }
+    }
+
+    fn body(chunks: &[&'static str], filter: Upper, direction: Direction) -> FilteredBody {
+        let data: Bytes = chunks.concat().into();
+        FilteredBody::new(
+            Source::Full(Some(data)),
+            vec![Stage::new(0, Arc::new(filter), None)],
+            Arc::new(Mutex::new(Shared::default())),
+            direction,
+        )
+    }
+
+    async fn collect(b: FilteredBody) -> (Bytes, Option<HeaderMap>) {
+        match b.collect().await {
+            Ok(c) => {
+                let trailers = c.trailers().cloned();
+                (c.to_bytes(), trailers)
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn data_is_transformed_and_trailers_added_at_the_end() {
+        let (data, trailers) = collect(body(
+            &["ab", "cd"],
+            Upper { buffer: false },
+            Direction::Request,
+        ))
+        .await;
+        assert_eq!(&data[..], b"ABCD");
+        assert_eq!(
+            trailers.and_then(|t| t.get("x-done").cloned()),
+            Some(HeaderValue::from_static("1"))
+        );
+    }
+
+    #[tokio::test]
+    async fn held_headers_see_the_whole_buffered_body() {
+        let mut b = body(&["hello"], Upper { buffer: true }, Direction::Request);
+        b.hold_at(0);
+        let mut headers = HeaderMap::new();
+        assert!(b.pump(&mut headers).await.is_ok());
+        assert_eq!(headers.get("x-len"), Some(&HeaderValue::from(5)));
+        assert!(b.release(None, &mut headers).is_ok());
+        // Trailers follow the data, so the length is not announced.
+        assert_eq!(b.size_hint().exact(), None);
+        assert_eq!(&collect(b).await.0[..], b"HELLO");
+    }
+
+    #[tokio::test]
+    async fn buffering_over_the_limit_is_a_413() {
+        let mut b = body(&["x"], Upper { buffer: true }, Direction::Request);
+        if let Ok(mut s) = b.shared.lock() {
+            s.ctx.request_buffer_limit = Some(3);
+        }
+        b.source = Source::Full(Some(Bytes::from_static(b"toolong")));
+        b.hold_at(0);
+        let mut headers = HeaderMap::new();
+        match b.pump(&mut headers).await {
+            Err(r) => assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE),
+            Ok(()) => panic!("expected a 413"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_trailers_phase_can_turn_trailers_into_data() {
+        let mut b = body(&[], Upper { buffer: false }, Direction::Response);
+        let mut t = HeaderMap::new();
+        t.insert("grpc-status", HeaderValue::from_static("0"));
+        let mut headers = HeaderMap::new();
+        assert!(b.feed(0, Item::Trailers(t), Some(&mut headers)).is_ok());
+        b.source_done = true;
+        let (data, trailers) = collect(b).await;
+        assert_eq!(&data[..], b"|end");
+        assert!(trailers.is_none());
+    }
+}
