@@ -30,6 +30,9 @@ const FILES: &[&str] = &[
     "envoy/extensions/compression/gzip/compressor/v3/gzip.proto",
     "envoy/extensions/filters/http/ext_authz/v3/ext_authz.proto",
     "envoy/extensions/filters/http/grpc_web/v3/grpc_web.proto",
+    // Not implemented: readable so that a config using it is refused by type URL and path.
+    "envoy/extensions/filters/http/decompressor/v3/decompressor.proto",
+    "envoy/extensions/compression/gzip/decompressor/v3/gzip.proto",
 ];
 
 const INCLUDE_DIRS: &[&str] = &[

@@ -21,6 +21,11 @@ pub enum FilterStatus {
     /// service), then carry on as its [`Resumption`] says. The future owns what it needs; it
     /// cannot borrow the request.
     Wait(Pin<Box<dyn Future<Output = Resumption> + Send>>),
+    /// Hold the headers: the later filters (and the upstream, or the client) do not see them
+    /// until this filter's data or trailers phase continues, which can still change them
+    /// through [`Data::headers`] (Envoy's `StopIteration`). Only for a message with a body; for
+    /// a headers-only message it is `Continue`.
+    StopIteration,
 }
 
 impl std::fmt::Debug for FilterStatus {
@@ -29,6 +34,7 @@ impl std::fmt::Debug for FilterStatus {
             FilterStatus::Continue => f.write_str("Continue"),
             FilterStatus::LocalReply(r) => f.debug_tuple("LocalReply").field(r).finish(),
             FilterStatus::Wait(_) => f.write_str("Wait(..)"),
+            FilterStatus::StopIteration => f.write_str("StopIteration"),
         }
     }
 }
@@ -115,6 +121,16 @@ pub struct RequestContext {
     pub route_config: Option<RouteConfig>,
     /// What filters carry from their request phase to their response phase.
     pub filter_data: FilterData,
+    /// Set by the chain before each headers phase: the message has no body (and no trailers),
+    /// so no data or trailers phase will follow for it.
+    pub end_stream: bool,
+    /// How much request body one filter may buffer ([`DataStatus::StopAndBuffer`]) before the
+    /// request is answered with 413; `None` is the connection manager's default (1 MiB, Envoy's
+    /// default `per_connection_buffer_limit_bytes`). A request headers phase may set it.
+    pub request_buffer_limit: Option<usize>,
+    /// The same for the response body (over it: 500 while the response headers are held,
+    /// else the stream is reset).
+    pub response_buffer_limit: Option<usize>,
 }
 
 /// Per-request values that filters keep between their phases (what a response phase must add,
@@ -137,6 +153,91 @@ impl FilterData {
             .find(|(n, _)| n == name)
             .and_then(|(_, v)| v.downcast_ref::<T>())
     }
+
+    /// The value of filter `name`, mutably, if it stored one of type `T`.
+    pub fn get_mut<T: Any + Send + Sync>(&mut self, name: &str) -> Option<&mut T> {
+        self.0
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v.downcast_mut::<T>())
+    }
+}
+
+/// The phases a filter implements. The connection manager compiles its chain from them once:
+/// a filter without body or trailer phases never makes the proxy touch a body, and a chain
+/// with none at all streams bodies exactly as the router alone does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Phases(u8);
+
+impl Phases {
+    pub const NONE: Phases = Phases(0);
+    pub const REQUEST_HEADERS: Phases = Phases(1);
+    pub const REQUEST_DATA: Phases = Phases(1 << 1);
+    pub const REQUEST_TRAILERS: Phases = Phases(1 << 2);
+    pub const RESPONSE_HEADERS: Phases = Phases(1 << 3);
+    pub const RESPONSE_DATA: Phases = Phases(1 << 4);
+    pub const RESPONSE_TRAILERS: Phases = Phases(1 << 5);
+    /// The two headers phases (the default).
+    pub const HEADERS: Phases = Phases(1 | 1 << 3);
+    /// The request body and trailers phases.
+    pub const REQUEST_BODY: Phases = Phases(1 << 1 | 1 << 2);
+    /// The response body and trailers phases.
+    pub const RESPONSE_BODY: Phases = Phases(1 << 4 | 1 << 5);
+
+    /// Whether any phase of `other` is in `self`.
+    pub const fn intersects(self, other: Phases) -> bool {
+        self.0 & other.0 != 0
+    }
+}
+
+impl std::ops::BitOr for Phases {
+    type Output = Phases;
+    fn bitor(self, rhs: Phases) -> Phases {
+        Phases(self.0 | rhs.0)
+    }
+}
+
+/// What a data phase tells the chain to do next.
+#[derive(Debug)]
+pub enum DataStatus {
+    /// Pass [`Data::data`] (as the filter left it, possibly empty) to the next filter.
+    Continue,
+    /// Keep the data: the chain holds it and hands it back, followed by the next chunk, on the
+    /// next call (Envoy's `StopIterationAndBuffer`), up to the buffer limit
+    /// ([`RequestContext::request_buffer_limit`]); over it the request gets 413 and a held
+    /// response 500. At the end of the stream it is the same as `Continue`.
+    StopAndBuffer,
+    /// Answer locally instead. On the request path before the upstream answered, and on the
+    /// response path while the response headers are held; otherwise the stream is reset.
+    LocalReply(LocalReply),
+}
+
+/// A piece of a request or response body, as a data phase sees it.
+#[derive(Debug)]
+pub struct Data<'a> {
+    /// What this filter has not passed on yet: the data it buffered, then the new chunk.
+    /// Modify or replace it; with [`DataStatus::Continue`] it goes to the next filter.
+    pub data: Bytes,
+    /// The end of the stream: nothing (not even trailers) follows. The chain ends every body
+    /// with a call where this is true (its data may be empty).
+    pub end_stream: bool,
+    /// The message's headers while a filter holds them ([`FilterStatus::StopIteration`]):
+    /// what the next filters and the peer will see, e.g. to set `content-length`.
+    pub headers: Option<&'a mut HeaderMap>,
+    /// Trailers to end the stream with, set by a filter when `end_stream`.
+    pub add_trailers: Option<HeaderMap>,
+}
+
+/// The trailers of a request or response, as a trailers phase sees them.
+#[derive(Debug)]
+pub struct Trailers<'a> {
+    /// The trailers; a filter may change them or empty them (then the stream ends with `data`).
+    pub trailers: HeaderMap,
+    /// Data to pass on before the trailers: what this filter buffered, plus anything it adds
+    /// (gRPC-Web writes the trailers into the body this way).
+    pub data: Bytes,
+    /// The message's headers while a filter holds them.
+    pub headers: Option<&'a mut HeaderMap>,
 }
 
 impl std::fmt::Debug for RequestContext {
@@ -159,9 +260,16 @@ impl RequestContext {
 
 /// An HTTP filter instance, shared by every stream of a listener configuration.
 ///
-/// Every phase has a default that continues, so a filter implements only the phases it needs.
-/// Phases receive the headers by mutable reference; they must not block.
+/// Every phase has a default that continues, so a filter implements only the phases it needs
+/// and declares them in [`HttpFilter::phases`]. Phases receive the message by mutable
+/// reference; they must not block.
 pub trait HttpFilter: Send + Sync + std::fmt::Debug {
+    /// The phases this filter implements; the chain calls no other. The default is the two
+    /// headers phases: a filter that implements a data or trailers phase must say so.
+    fn phases(&self) -> Phases {
+        Phases::HEADERS
+    }
+
     /// Request headers, before routing to an upstream.
     fn on_request_headers(
         &self,
@@ -178,5 +286,33 @@ pub trait HttpFilter: Send + Sync + std::fmt::Debug {
         _headers: &mut http::response::Parts,
     ) -> FilterStatus {
         FilterStatus::Continue
+    }
+
+    /// A chunk of the request body, in `http_filters` order.
+    fn on_request_data(&self, _ctx: &mut RequestContext, _data: &mut Data<'_>) -> DataStatus {
+        DataStatus::Continue
+    }
+
+    /// The request trailers, in `http_filters` order. `StopAndBuffer` is `Continue` here.
+    fn on_request_trailers(
+        &self,
+        _ctx: &mut RequestContext,
+        _trailers: &mut Trailers<'_>,
+    ) -> DataStatus {
+        DataStatus::Continue
+    }
+
+    /// A chunk of the response body, in reverse order.
+    fn on_response_data(&self, _ctx: &mut RequestContext, _data: &mut Data<'_>) -> DataStatus {
+        DataStatus::Continue
+    }
+
+    /// The response trailers, in reverse order. `StopAndBuffer` is `Continue` here.
+    fn on_response_trailers(
+        &self,
+        _ctx: &mut RequestContext,
+        _trailers: &mut Trailers<'_>,
+    ) -> DataStatus {
+        DataStatus::Continue
     }
 }

@@ -7,10 +7,13 @@
 //! is terminal and implemented by the proxy itself. See `docs/filters.md` for the phase chart.
 
 mod api;
+mod buffer;
 mod common;
+mod compressor;
 mod cors;
 mod ext_authz;
 mod fault;
+mod grpc_web;
 mod header_mutation;
 mod health_check;
 mod local_ratelimit;
@@ -20,8 +23,8 @@ mod router;
 mod services;
 
 pub use api::{
-    FilterData, FilterStatus, HttpFilter, LocalReply, RequestContext, RequestEdit, Resumption,
-    RouteConfig,
+    Data, DataStatus, FilterData, FilterStatus, HttpFilter, LocalReply, Phases, RequestContext,
+    RequestEdit, Resumption, RouteConfig, Trailers,
 };
 pub use ext_authz::EXT_AUTHZ_TYPE_URL;
 pub use health_check::ServerHealth;

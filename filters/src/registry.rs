@@ -145,6 +145,9 @@ impl FilterRegistry {
         )));
         r.register(Arc::new(crate::rbac::RbacFactory));
         r.register(Arc::new(crate::ext_authz::ExtAuthzFactory));
+        r.register(Arc::new(crate::buffer::BufferFactory));
+        r.register(Arc::new(crate::compressor::CompressorFactory));
+        r.register(Arc::new(crate::grpc_web::GrpcWebFactory));
         r
     }
 

@@ -12,6 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::accesslog::{AccessLog, Record};
+use crate::filter_body::{BodyError, FilteredBody, Source};
 use crate::upstream::PoolReturn;
 
 /// What to do when the response is complete.
@@ -37,6 +38,8 @@ pub struct ProxyBody {
 enum Kind {
     Full(Option<Bytes>),
     Upstream(Incoming),
+    /// Through the response data phases of the route's filters.
+    Filtered(Box<FilteredBody>),
 }
 
 impl ProxyBody {
@@ -73,6 +76,29 @@ impl ProxyBody {
         }
     }
 
+    /// Runs the body through the response data phases `make` sets up.
+    pub fn filter(mut self, make: impl FnOnce(Source) -> FilteredBody) -> Self {
+        let kind = std::mem::replace(&mut self.kind, Kind::Full(None));
+        let source = match kind {
+            Kind::Full(b) => Source::Full(b),
+            Kind::Upstream(b) => Source::Incoming(b),
+            Kind::Filtered(f) => {
+                self.kind = Kind::Filtered(f);
+                return self;
+            }
+        };
+        self.kind = Kind::Filtered(Box::new(make(source)));
+        self
+    }
+
+    /// The filtered body inside, if [`ProxyBody::filter`] made one.
+    pub fn filtered_mut(&mut self) -> Option<&mut FilteredBody> {
+        match &mut self.kind {
+            Kind::Filtered(f) => Some(f),
+            _ => None,
+        }
+    }
+
     /// Attaches the access-log completion.
     pub fn on_complete(&mut self, c: Option<Box<Completion>>) {
         self.completion = c;
@@ -103,6 +129,7 @@ impl Drop for ProxyBody {
         let done = match &self.kind {
             Kind::Full(b) => b.is_none(),
             Kind::Upstream(b) => b.is_end_stream(),
+            Kind::Filtered(b) => b.is_end_stream(),
         };
         self.finish(done);
     }
@@ -110,16 +137,17 @@ impl Drop for ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let res = match &mut this.kind {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Upstream(b) => Pin::new(b).poll_frame(cx),
+            Kind::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(|e| e.into()),
+            Kind::Filtered(b) => Pin::new(b.as_mut()).poll_frame(cx),
         };
         match &res {
             Poll::Ready(Some(Ok(f))) => {
@@ -138,6 +166,7 @@ impl Body for ProxyBody {
         match &self.kind {
             Kind::Full(b) => b.is_none(),
             Kind::Upstream(b) => b.is_end_stream(),
+            Kind::Filtered(b) => b.is_end_stream(),
         }
     }
 
@@ -146,6 +175,7 @@ impl Body for ProxyBody {
             Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
             Kind::Upstream(b) => b.size_hint(),
+            Kind::Filtered(b) => b.size_hint(),
         }
     }
 }

@@ -8,12 +8,11 @@ use std::time::{Duration, Instant, SystemTime};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use legate_filters::{
-    FilterStatus, HttpFilter, LocalReply, RequestContext, Resumption, RouterConfig,
-};
+use legate_filters::{HttpFilter, LocalReply, Phases, RequestContext, RouterConfig};
 
 use crate::accesslog::{AccessLog, Record};
 use crate::body::{Completion, ProxyBody};
+use crate::filter_body::StreamCtx;
 use crate::lb::hash64;
 use crate::route::{
     ClusterTarget, ForwardAction, HashPolicy, PathMatch, RedirectAction, RequestView, Route,
@@ -21,6 +20,7 @@ use crate::route::{
 };
 use crate::server::{Runtime, Snapshot};
 use crate::stats::HttpStats;
+use crate::upstream::UpstreamBody;
 
 /// `codec_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +45,9 @@ pub struct HcmConfig {
     pub codec: Codec,
     pub routes: Routes,
     pub filters: Vec<HcmFilter>,
+    /// The filters that implement a body or trailers phase (bit i = `filters[i]`); zero
+    /// means bodies are never touched.
+    pub body_filters: u64,
     pub router: RouterConfig,
     pub stream_idle_timeout: Option<Duration>,
     pub request_timeout: Option<Duration>,
@@ -87,9 +90,15 @@ pub struct HcmFilter {
     pub name: String,
     pub type_url: String,
     pub filter: Arc<dyn HttpFilter>,
+    /// The phases the filter implements (asked once, when the configuration is built).
+    pub phases: Phases,
     /// `disabled: true` in `http_filters`: runs only on routes that enable it.
     pub disabled_by_default: bool,
 }
+
+mod chain;
+
+pub use chain::phase_mask;
 
 /// The most filters one connection manager may run (the chain tracks them in a bit mask).
 pub const MAX_FILTERS: usize = 64;
@@ -126,7 +135,7 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 /// The state of one request as it moves through the manager.
 struct Stream<'a> {
     conn: &'a ConnInfo,
-    ctx: RequestContext,
+    ctx: StreamCtx,
     record: Option<Record>,
     started: Instant,
     flags: &'static str,
@@ -139,6 +148,8 @@ struct Stream<'a> {
     grpc: bool,
     /// The request id, when `always_set_request_id_in_response` wants it echoed.
     request_id: Option<HeaderValue>,
+    /// The route's name when no filter context carries it (a manager without filters).
+    route_name: Option<String>,
 }
 
 /// Serves one request.
@@ -194,14 +205,14 @@ pub async fn handle(
     }
     let mut stream = Stream {
         conn: &conn,
-        ctx: RequestContext {
+        ctx: StreamCtx::Owned(RequestContext {
             downstream_remote: Some(conn.remote),
             downstream_local: Some(conn.local),
             downstream_tls: conn.tls,
             requested_server_name: conn.sni.clone(),
             peer_principals: conn.peer_principals.clone(),
             ..Default::default()
-        },
+        }),
         record: None,
         started: Instant::now(),
         flags: "",
@@ -211,8 +222,9 @@ pub async fn handle(
         grpc: req
             .headers()
             .get(header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
+            .is_some_and(|v| is_grpc(v.as_bytes())),
         request_id: None,
+        route_name: None,
     };
     let fut = stream.run(req);
     let mut resp = match hcm.request_timeout {
@@ -238,6 +250,14 @@ pub async fn handle(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     Ok(resp)
+}
+
+/// `application/grpc` and its `+format` subtypes, not gRPC-Web (as Envoy tells them apart).
+fn is_grpc(content_type: &[u8]) -> bool {
+    match content_type.strip_prefix(b"application/grpc") {
+        Some(rest) => rest.is_empty() || rest[0] == b'+' || rest[0] == b';',
+        None => false,
+    }
 }
 
 /// Envoy's HTTP/1 codec refuses HTTP/1.0 unless `accept_http_10` (426) and an HTTP/1.1
@@ -396,17 +416,18 @@ impl Stream<'_> {
         let Some(route) = vh.route(&view) else {
             return self.no_route();
         };
-        self.ctx.route_name = Some(route.name.clone()).filter(|n| !n.is_empty());
+        let route_name = Some(route.name.clone()).filter(|n| !n.is_empty());
 
         let req = if hcm.filters.is_empty() {
-            req
+            self.route_name = route_name;
+            req.map(UpstreamBody::from)
         } else {
+            self.ctx.get().route_name = route_name;
             self.route_filters = route.filters.clone();
-            let (mut parts, body) = req.into_parts();
-            if let Some(r) = self.request_filters(&mut parts).await {
-                return self.local(r);
+            match self.request_path(req).await {
+                Ok(req) => req,
+                Err(r) => return self.local(r),
             }
-            Request::from_parts(parts, body)
         };
 
         let resp = match &route.action {
@@ -491,79 +512,9 @@ impl Stream<'_> {
         let mut resp = Response::new(ProxyBody::full(r.body));
         *resp.status_mut() = r.status;
         *resp.headers_mut() = r.headers;
-        self.response_filters(resp)
-    }
-
-    /// Whether filter `i` runs on this route, and with which per-route configuration.
-    fn filter_setup(&self, i: usize) -> Option<Option<legate_filters::RouteConfig>> {
-        let f = &self.conn.hcm.filters[i];
-        match self.route_filters.as_ref().and_then(|m| m.get(&f.name)) {
-            Some(crate::route::RouteFilter::Disabled) => None,
-            Some(crate::route::RouteFilter::Enabled(c)) => Some(c.clone()),
-            None if f.disabled_by_default => None,
-            None => Some(None),
-        }
-    }
-
-    /// The request phase of every filter, in order. Returns a local reply if one stopped it.
-    async fn request_filters(&mut self, parts: &mut http::request::Parts) -> Option<LocalReply> {
-        let conn = self.conn;
-        for (i, f) in conn.hcm.filters.iter().enumerate() {
-            let Some(config) = self.filter_setup(i) else {
-                continue;
-            };
-            self.ctx.route_config = config;
-            self.ran_filters |= 1 << i;
-            match f.filter.on_request_headers(&mut self.ctx, parts) {
-                FilterStatus::Continue => {}
-                FilterStatus::LocalReply(r) => return Some(r),
-                FilterStatus::Wait(fut) => match fut.await {
-                    Resumption::Continue { set_headers } => {
-                        let mut last = None;
-                        for (k, v) in set_headers {
-                            if let Some(k) = k {
-                                last = Some(k);
-                            }
-                            if let Some(k) = &last {
-                                parts.headers.insert(k.clone(), v);
-                            }
-                        }
-                    }
-                    Resumption::Apply(edit) => edit(&mut self.ctx, parts),
-                    Resumption::LocalReply(r) => return Some(r),
-                },
-            }
-        }
-        self.ctx.route_config = None;
-        None
-    }
-
-    /// The response phase of the filters whose request phase ran, in reverse order. Waiting
-    /// is not offered here: a response phase must decide synchronously.
-    fn response_filters(&mut self, resp: Response<ProxyBody>) -> Response<ProxyBody> {
-        if self.ran_filters == 0 {
-            return resp;
-        }
-        let conn = self.conn;
-        let (mut parts, body) = resp.into_parts();
-        for (i, f) in conn.hcm.filters.iter().enumerate().rev() {
-            if self.ran_filters & (1 << i) == 0 {
-                continue;
-            }
-            self.ctx.route_config = self.filter_setup(i).flatten();
-            // A local reply from a response phase replaces the response but does not restart
-            // the response path.
-            match f.filter.on_response_headers(&mut self.ctx, &mut parts) {
-                FilterStatus::LocalReply(r) => {
-                    let mut resp = Response::new(ProxyBody::full(r.body));
-                    *resp.status_mut() = r.status;
-                    *resp.headers_mut() = r.headers;
-                    return resp;
-                }
-                FilterStatus::Continue | FilterStatus::Wait(_) => {}
-            }
-        }
-        Response::from_parts(parts, body)
+        // The body is complete, so the response path never waits.
+        futures_util::FutureExt::now_or_never(self.response_path(resp))
+            .unwrap_or_else(chain::internal_error)
     }
 
     fn redirect(
@@ -627,7 +578,7 @@ impl Stream<'_> {
         vh: &VirtualHost,
         table: &RouteTable,
         snapshot: &Snapshot,
-        mut req: Request<Incoming>,
+        mut req: Request<UpstreamBody>,
         host: &str,
         path: &str,
     ) -> Response<ProxyBody> {
@@ -660,7 +611,7 @@ impl Stream<'_> {
             }
         };
         if !hcm.filters.is_empty() {
-            self.ctx.cluster_name = Some(cluster_name.clone());
+            self.ctx.get().cluster_name = Some(cluster_name.clone());
         }
         if let Some(r) = &mut self.record {
             r.upstream_cluster = Some(cluster_name.clone());
@@ -771,7 +722,7 @@ impl Stream<'_> {
             }
         }
         parts.extensions = http::Extensions::new();
-        let up_req = Request::from_parts(parts, crate::upstream::UpstreamBody::from(body));
+        let up_req = Request::from_parts(parts, body);
 
         cluster.stats.rq_total.inc();
         cluster.stats.rq_active.inc();
@@ -811,6 +762,10 @@ impl Stream<'_> {
         let (resp, pool) = match result {
             Ok(r) => r,
             Err(e) => {
+                if let Some(r) = self.ctx.take_local_reply() {
+                    // A request data phase answered locally and ended the upstream request.
+                    return self.local(r);
+                }
                 cluster.stats.rq_classes.record(503);
                 self.flags = e.response_flag();
                 self.details = "upstream_reset_before_response_started";
@@ -818,6 +773,10 @@ impl Stream<'_> {
                 return self.local(LocalReply::new(StatusCode::SERVICE_UNAVAILABLE, e.body()));
             }
         };
+        if let Some(r) = self.ctx.take_local_reply() {
+            // A request data phase answered locally while the upstream was answering.
+            return self.local(r);
+        }
         cluster.stats.rq_classes.record(resp.status().as_u16());
         self.details = "via_upstream";
         let mut resp = resp;
@@ -845,10 +804,10 @@ impl Stream<'_> {
                 }
             });
             let resp = Response::from_parts(parts, ProxyBody::upstream(body, None, Some(active)));
-            return self.response_filters(resp);
+            return self.response_path(resp).await;
         }
         let resp = Response::from_parts(parts, ProxyBody::upstream(body, pool, Some(active)));
-        self.response_filters(resp)
+        self.response_path(resp).await
     }
 
     fn response_headers(
@@ -893,7 +852,10 @@ impl Stream<'_> {
             record.response_flags = self.flags;
             record.response_code_details = self.details;
             record.response_headers = resp.headers().clone();
-            record.route_name = self.ctx.route_name.clone();
+            record.route_name = match self.route_name.take() {
+                Some(n) => Some(n),
+                None => self.ctx.get().route_name.clone(),
+            };
             record.bytes_received = record
                 .request_headers
                 .get(header::CONTENT_LENGTH)

@@ -6,6 +6,7 @@ pub mod body;
 mod cli;
 pub mod cluster;
 pub mod config;
+pub mod filter_body;
 pub mod hcm;
 pub mod lb;
 pub mod listener;

@@ -15,6 +15,7 @@ use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use crate::cluster::{ClusterConfig, Host, UpstreamProtocol};
+use crate::filter_body::{BodyError, FilteredBody};
 use crate::stats::ClusterStats;
 
 pin_project_lite::pin_project! {
@@ -25,6 +26,9 @@ pin_project_lite::pin_project! {
     pub enum UpstreamBody {
         Streamed { #[pin] body: Incoming },
         Full { #[pin] body: Full<Bytes> },
+        /// The downstream request's, through the request data phases of the route's filters
+        /// (only on routes with such a filter).
+        Filtered { body: Box<FilteredBody> },
     }
 }
 
@@ -44,31 +48,37 @@ impl From<Bytes> for UpstreamBody {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
+    #[inline]
     fn poll_frame(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.project() {
-            UpstreamBodyProj::Streamed { body } => body.poll_frame(cx),
+            UpstreamBodyProj::Streamed { body } => body.poll_frame(cx).map_err(|e| e.into()),
             UpstreamBodyProj::Full { body } => body
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(|never| match never {}))),
+            UpstreamBodyProj::Filtered { body } => std::pin::Pin::new(body.as_mut()).poll_frame(cx),
         }
     }
 
+    #[inline]
     fn is_end_stream(&self) -> bool {
         match self {
             UpstreamBody::Streamed { body } => body.is_end_stream(),
             UpstreamBody::Full { body } => body.is_end_stream(),
+            UpstreamBody::Filtered { body } => body.is_end_stream(),
         }
     }
 
+    #[inline]
     fn size_hint(&self) -> SizeHint {
         match self {
             UpstreamBody::Streamed { body } => body.size_hint(),
             UpstreamBody::Full { body } => body.size_hint(),
+            UpstreamBody::Filtered { body } => body.size_hint(),
         }
     }
 }

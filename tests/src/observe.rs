@@ -35,7 +35,11 @@ impl Outcome {
 
     fn echo(&self) -> Option<Echo> {
         match self {
-            Outcome::Response { response, .. } => serde_json::from_slice(&response.body).ok(),
+            Outcome::Response { response, .. } => match gunzip(&response.body) {
+                // A compressed echo (behind the compressor filter) is read through.
+                Some(plain) => serde_json::from_slice(&plain).ok(),
+                None => serde_json::from_slice(&response.body).ok(),
+            },
             Outcome::Error(_) => None,
         }
     }
@@ -68,6 +72,14 @@ impl Outcome {
             "status" => json!(response.status),
             "body" => Value::String(String::from_utf8_lossy(&response.body).into_owned()),
             "body_len" => json!(response.body.len()),
+            "body_gunzip" => match gunzip(&response.body) {
+                Some(plain) => Value::String(String::from_utf8_lossy(&plain).into_owned()),
+                None => Value::String("<not gzip>".into()),
+            },
+            "body_base64" => {
+                use base64::Engine;
+                Value::String(base64::engine::general_purpose::STANDARD.encode(&response.body))
+            }
             "alpn" => opt(response.alpn.clone()),
             "interim" => json!(interim),
             "grpc.status" => opt(response
@@ -178,4 +190,14 @@ pub fn observe(key: &str, outcomes: &[Outcome]) -> Value {
             }
         }
     }
+}
+
+/// The body gunzipped, if it is a complete gzip stream.
+fn gunzip(body: &[u8]) -> Option<Vec<u8>> {
+    if !body.starts_with(&[0x1f, 0x8b]) {
+        return None;
+    }
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(body), &mut out).ok()?;
+    Some(out)
 }

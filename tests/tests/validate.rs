@@ -124,7 +124,7 @@ fn validate_rejects_an_unknown_filter_type() -> Result<()> {
     Ok(())
 }
 
-/// Envoy runs its buffer filter; Legate does not implement it and must say so with the full
+/// Envoy runs its decompressor filter; Legate does not implement it and must say so with the full
 /// type URL and the filter's path rather than run without it.
 #[test]
 fn validate_rejects_an_unregistered_filter_by_type_url_and_path() -> Result<()> {
@@ -134,7 +134,7 @@ fn validate_rejects_an_unregistered_filter_by_type_url_and_path() -> Result<()> 
             "unregistered_filter.yaml",
             &[
                 "listeners[0].filter_chains[0].filters[0].typed_config.http_filters[0].typed_config",
-                "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+                "type.googleapis.com/envoy.extensions.filters.http.decompressor.v3.Decompressor",
             ],
         )?;
     }

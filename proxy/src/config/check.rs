@@ -343,6 +343,17 @@ const SUPPORTED: &[(&str, &[&str])] = &[
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.AutoHttpConfig",
         &["http_protocol_options", "http2_protocol_options"],
     ),
+    // The compressor filter's library (an extension inside its config, not a filter).
+    (
+        "envoy.extensions.compression.gzip.compressor.v3.Gzip",
+        &[
+            "compression_level",
+            "memory_level",
+            "window_bits",
+            "compression_strategy",
+            "chunk_size",
+        ],
+    ),
 ];
 
 /// Fields accepted with a warning because they tune or observe without changing traffic.

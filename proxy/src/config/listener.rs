@@ -564,6 +564,7 @@ fn http_connection_manager(
             Ok((type_url, FilterConfig::Filter { name, filter })) => filters.push(HcmFilter {
                 name,
                 type_url,
+                phases: filter.phases(),
                 filter,
                 disabled_by_default: f.disabled,
             }),
@@ -677,6 +678,10 @@ fn http_connection_manager(
         stat_prefix: h.stat_prefix.clone(),
         codec,
         routes,
+        body_filters: crate::hcm::phase_mask(
+            &filters,
+            legate_filters::Phases::REQUEST_BODY | legate_filters::Phases::RESPONSE_BODY,
+        ),
         filters,
         router,
         stream_idle_timeout: opt(

@@ -136,6 +136,10 @@ pub struct Expect {
     pub error: Option<bool>,
     pub body: Option<String>,
     pub body_len: Option<usize>,
+    /// The body after gunzip (`<not gzip>` when it is not gzip).
+    pub body_gunzip: Option<String>,
+    /// The body in base64, for binary bodies (gRPC-Web).
+    pub body_base64: Option<String>,
     #[serde(default)]
     pub body_contains: Vec<String>,
     /// Response headers; `~` means absent. Repeated headers are joined with `", "`.
@@ -190,6 +194,12 @@ impl Expect {
         }
         if let Some(v) = self.body_len {
             put("body_len".into(), json!(v));
+        }
+        if let Some(v) = &self.body_gunzip {
+            put("body_gunzip".into(), json!(v));
+        }
+        if let Some(v) = &self.body_base64 {
+            put("body_base64".into(), json!(v));
         }
         for s in &self.body_contains {
             put(format!("body_contains:{s}"), json!(true));
