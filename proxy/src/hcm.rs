@@ -403,17 +403,24 @@ impl Stream<'_> {
             .map(|p| p.as_str())
             .unwrap_or("/")
             .to_owned();
-        let Some(vh) = table.virtual_host(&host) else {
-            return self.no_route();
-        };
-        let view = RequestView {
-            method: req.method().as_str(),
-            authority: &host,
-            path_and_query: &path,
-            scheme: if conn.tls { "https" } else { "http" },
-            headers: req.headers(),
-        };
-        let Some(route) = vh.route(&view) else {
+        let matched = table.virtual_host(&host).and_then(|vh| {
+            let view = RequestView {
+                method: req.method().as_str(),
+                authority: &host,
+                path_and_query: &path,
+                scheme: if conn.tls { "https" } else { "http" },
+                headers: req.headers(),
+            };
+            vh.route(&view).map(|route| (vh, route))
+        });
+        let Some((vh, route)) = matched else {
+            if !hcm.filters.is_empty() {
+                // Envoy runs the filter chain before the router decides: a health check, an
+                // authorization or a rate limit answers requests that no route matches too.
+                if let Err(r) = self.request_path(req).await {
+                    return self.local(r);
+                }
+            }
             return self.no_route();
         };
         let route_name = Some(route.name.clone()).filter(|n| !n.is_empty());

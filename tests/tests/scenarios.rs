@@ -42,6 +42,7 @@ scenarios! {
     filter_header_mutation_request_response,
     filter_health_check_modes,
     filter_local_ratelimit_token_bucket,
+    filter_no_route,
     filter_rbac_authenticated,
     filter_rbac_policies,
     grpc_no_route,
