@@ -5,7 +5,7 @@
 //! changes, so a model change is pushed only to the proxies whose resources it touches.
 //! A group nobody watches any more is dropped at the next update.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -34,6 +34,8 @@ struct Inner {
     /// The next version handed to a changed resource type; shared by every group so a
     /// version string is never reused for different content.
     next_version: u64,
+    /// The TLS entries of the current model that cannot be served (reported once each).
+    tls_problems: BTreeSet<String>,
 }
 
 /// The latest snapshot of every watched proxy group.
@@ -45,11 +47,13 @@ pub struct SnapshotCache {
 
 impl SnapshotCache {
     pub fn new(model: Arc<Model>, options: TranslateOptions, metrics: Arc<Metrics>) -> Self {
+        let tls_problems = report_tls_problems(&model, &BTreeSet::new(), &metrics);
         Self {
             inner: Mutex::new(Inner {
                 model,
                 groups: HashMap::new(),
                 next_version: 1,
+                tls_problems,
             }),
             options,
             metrics,
@@ -82,6 +86,7 @@ impl SnapshotCache {
     pub fn set_model(&self, model: Arc<Model>) -> Result<(), CacheError> {
         let mut inner = self.inner.lock().map_err(|_| CacheError::Poisoned)?;
         self.metrics.inc(&self.metrics.model_updates);
+        inner.tls_problems = report_tls_problems(&model, &inner.tls_problems, &self.metrics);
         inner.model = model;
         inner.groups.retain(|_, tx| tx.receiver_count() > 0);
         let version = inner.next_version;
@@ -119,6 +124,21 @@ impl SnapshotCache {
     }
 }
 
+/// Logs and counts (as config errors) the TLS entries that cannot be served and were not
+/// already reported for the previous model; returns the current set.
+fn report_tls_problems(
+    model: &Model,
+    previous: &BTreeSet<String>,
+    metrics: &Metrics,
+) -> BTreeSet<String> {
+    let current: BTreeSet<String> = crate::tls::problems(model).into_iter().collect();
+    for problem in current.difference(previous) {
+        tracing::error!(%problem, "TLS entry left out of the gateways' HTTPS listener");
+        metrics.inc(&metrics.config_errors);
+    }
+    current
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,6 +153,7 @@ mod tests {
             namespace: "default".into(),
             listener_port: port,
             inbound_port: 15006,
+            https_port: 8443,
         }
     }
 

@@ -3,7 +3,8 @@
 //! `node.id` is `TYPE~IP~NAME.NAMESPACE~NAMESPACE.svc.DOMAIN`, `TYPE` being `sidecar` or
 //! `router` (a gateway). `node.metadata` may add `NAMESPACE`, `LABELS` and, for local runs
 //! and tests, `LEGATE_OUTBOUND_PORT` (the port of the sidecar's outbound listener; 15001
-//! by default, 0 for an ephemeral port).
+//! by default, 0 for an ephemeral port), `LEGATE_INBOUND_PORT` (15006), and for a gateway
+//! `LEGATE_GATEWAY_HTTP_PORT` (8080) and `LEGATE_GATEWAY_HTTPS_PORT` (8443).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -29,6 +30,12 @@ pub const DEFAULT_GATEWAY_HTTP_PORT: u16 = 8080;
 
 /// The metadata key that overrides the gateway's HTTP port.
 pub const GATEWAY_HTTP_PORT_KEY: &str = "LEGATE_GATEWAY_HTTP_PORT";
+
+/// The default port of a gateway's HTTPS listener.
+pub const DEFAULT_GATEWAY_HTTPS_PORT: u16 = 8443;
+
+/// The metadata key that overrides the gateway's HTTPS port.
+pub const GATEWAY_HTTPS_PORT_KEY: &str = "LEGATE_GATEWAY_HTTPS_PORT";
 
 /// Why a node could not be identified.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -75,6 +82,8 @@ pub struct ProxyIdentity {
     pub listener_port: u16,
     /// The sidecar's inbound port (unused by gateways).
     pub inbound_port: u16,
+    /// The gateway's HTTPS port (unused by sidecars, always the default for them).
+    pub https_port: u16,
 }
 
 /// Proxies that get the same resources. Translation is a function of the group only, so one
@@ -86,6 +95,7 @@ pub struct ProxyGroup {
     pub namespace: String,
     pub listener_port: u16,
     pub inbound_port: u16,
+    pub https_port: u16,
 }
 
 impl fmt::Display for ProxyGroup {
@@ -98,8 +108,9 @@ impl fmt::Display for ProxyGroup {
             self.namespace,
             self.listener_port
         )?;
-        if self.role == Role::Sidecar {
-            write!(f, "~{}", self.inbound_port)?;
+        match self.role {
+            Role::Sidecar => write!(f, "~{}", self.inbound_port)?,
+            Role::Router => write!(f, "~{}", self.https_port)?,
         }
         Ok(())
     }
@@ -155,6 +166,16 @@ impl ProxyIdentity {
             };
         let listener_port = port_of(key, default_port)?;
         let inbound_port = port_of(INBOUND_PORT_KEY, DEFAULT_INBOUND_PORT)?;
+        let https_port = match role {
+            Role::Sidecar => DEFAULT_GATEWAY_HTTPS_PORT,
+            Role::Router => port_of(GATEWAY_HTTPS_PORT_KEY, DEFAULT_GATEWAY_HTTPS_PORT)?,
+        };
+        if role == Role::Router && https_port == listener_port && https_port != 0 {
+            return Err(IdentityError::Metadata {
+                key: GATEWAY_HTTPS_PORT_KEY,
+                reason: format!("{https_port} is also the gateway's HTTP port"),
+            });
+        }
         let labels = metadata
             .and_then(|m| m.fields.get("LABELS"))
             .and_then(|v| match &v.kind {
@@ -180,6 +201,7 @@ impl ProxyIdentity {
             labels,
             listener_port,
             inbound_port,
+            https_port,
         })
     }
 
@@ -190,6 +212,7 @@ impl ProxyIdentity {
             namespace: self.namespace.clone(),
             listener_port: self.listener_port,
             inbound_port: self.inbound_port,
+            https_port: self.https_port,
         }
     }
 }
@@ -256,11 +279,28 @@ mod tests {
             &[
                 ("NAMESPACE", Kind::StringValue("edge".into())),
                 (GATEWAY_HTTP_PORT_KEY, Kind::StringValue("0".into())),
+                (GATEWAY_HTTPS_PORT_KEY, Kind::NumberValue(0.0)),
             ],
         )))?;
         assert_eq!(id.role, Role::Router);
         assert_eq!(id.namespace, "edge");
         assert_eq!(id.listener_port, 0);
+        assert_eq!(id.https_port, 0, "both ephemeral is allowed");
+        let default = ProxyIdentity::from_node(Some(&node(
+            "router~10.0.0.1~gw.istio-system~istio-system.svc.cluster.local",
+            &[],
+        )))?;
+        assert_eq!(
+            (default.listener_port, default.https_port),
+            (DEFAULT_GATEWAY_HTTP_PORT, DEFAULT_GATEWAY_HTTPS_PORT)
+        );
+        let same = ProxyIdentity::from_node(Some(&node(
+            "router~10.0.0.1~gw.istio-system~istio-system.svc.cluster.local",
+            &[(GATEWAY_HTTP_PORT_KEY, Kind::StringValue("8443".into()))],
+        )));
+        assert!(
+            matches!(same, Err(IdentityError::Metadata { key, .. }) if key == GATEWAY_HTTPS_PORT_KEY)
+        );
         Ok(())
     }
 

@@ -172,6 +172,7 @@ endpoints: [{addresses: [10.0.0.7]}]
             namespace: "default".into(),
             listener_port: 15001,
             inbound_port: 15006,
+            https_port: 8443,
         };
         let inbound = translate(&model, &group, &TranslateOptions::default());
         let names: Vec<&str> = inbound.clusters.iter().map(|c| c.name.as_str()).collect();

@@ -17,5 +17,6 @@ pub mod model;
 pub mod registry;
 pub mod snapshot;
 pub mod source;
+pub mod tls;
 pub mod translate;
 pub mod xds;

@@ -9,9 +9,9 @@ use crate::snapshot::ResourceType;
 #[derive(Debug, Default)]
 pub struct Metrics {
     /// Responses sent, per resource type (indexed by [`ResourceType::index`]).
-    pub pushes: [AtomicU64; 4],
-    pub acks: [AtomicU64; 4],
-    pub nacks: [AtomicU64; 4],
+    pub pushes: [AtomicU64; ResourceType::COUNT],
+    pub acks: [AtomicU64; ResourceType::COUNT],
+    pub nacks: [AtomicU64; ResourceType::COUNT],
     /// Sum (in microseconds) and count of push → ACK/NACK round trips.
     pub push_ack_micros: AtomicU64,
     pub push_ack_count: AtomicU64,
@@ -19,7 +19,8 @@ pub struct Metrics {
     pub streams_total: AtomicU64,
     /// Models handed to translation (after debounce).
     pub model_updates: AtomicU64,
-    /// Manifests rejected by the file source.
+    /// Manifests rejected by the file source, and Ingress TLS entries left out (their
+    /// Secret missing or invalid).
     pub config_errors: AtomicU64,
     /// Snapshots published to a proxy group.
     pub snapshots_published: AtomicU64,
@@ -32,7 +33,7 @@ impl Metrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn inc_type(&self, counters: &[AtomicU64; 4], t: ResourceType) {
+    pub fn inc_type(&self, counters: &[AtomicU64; ResourceType::COUNT], t: ResourceType) {
         counters[t.index()].fetch_add(1, Ordering::Relaxed);
     }
 
@@ -91,7 +92,7 @@ impl Metrics {
             ),
             (
                 "pilot_config_errors_total",
-                "Manifests rejected.",
+                "Manifests rejected and Ingress TLS entries left out.",
                 &self.config_errors,
             ),
             (

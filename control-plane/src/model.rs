@@ -1,11 +1,15 @@
-//! The mesh as translation sees it: services, their endpoints and namespaces.
+//! The mesh as translation sees it: services, their endpoints, namespaces, ingresses, the
+//! secrets ingresses name for TLS, and pods.
 //!
 //! Every source (today the watched directory, later the Kubernetes API) produces [`Object`]s
 //! from Kubernetes manifests; [`Model::build`] turns a set of them into one immutable model.
 //! Translation only ever reads a `Model`, so it never knows where the objects came from.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
 
+use base64::Engine as _;
 use serde::Deserialize;
 
 /// The label that ties an EndpointSlice to its Service.
@@ -32,6 +36,57 @@ pub enum Object {
     EndpointSlice(EndpointSlice),
     Namespace(String),
     Ingress(Ingress),
+    Secret(Secret),
+    Pod(Pod),
+}
+
+/// The secret type that carries a TLS certificate and its key.
+pub const TLS_SECRET_TYPE: &str = "kubernetes.io/tls";
+
+/// A `Secret` (v1): `data` (base64 in the manifest) merged with `stringData`, decoded.
+///
+/// Its `Debug` shows the keys, never the values, so a secret can be logged safely.
+#[derive(Clone, PartialEq)]
+pub struct Secret {
+    pub name: String,
+    pub namespace: String,
+    /// `type`; `Opaque` when unset, as Kubernetes defaults it.
+    pub secret_type: String,
+    pub data: BTreeMap<String, Vec<u8>>,
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Secret")
+            .field("name", &self.name)
+            .field("namespace", &self.namespace)
+            .field("secret_type", &self.secret_type)
+            .field("keys", &self.data.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// A `Pod` (v1): who a workload is and whether it serves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pod {
+    pub name: String,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    /// `status.podIP`, when assigned.
+    pub ip: Option<IpAddr>,
+    /// `status.phase` (`Pending`, `Running`, …), when reported.
+    pub phase: Option<String>,
+    /// The `Ready` condition of `status.conditions` is `True`.
+    pub ready: bool,
+}
+
+/// One `spec.tls` entry of an Ingress: the hosts served with the secret's certificate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IngressTls {
+    /// Empty means every host (the entry's certificate is the default one).
+    pub hosts: Vec<String>,
+    /// A `kubernetes.io/tls` Secret in the Ingress's namespace.
+    pub secret_name: Option<String>,
 }
 
 /// An `Ingress` (networking.k8s.io/v1): host and path rules to service backends.
@@ -42,8 +97,8 @@ pub struct Ingress {
     pub class: Option<String>,
     pub default_backend: Option<IngressBackend>,
     pub rules: Vec<IngressRule>,
-    /// Whether `spec.tls` is set (TLS termination over SDS is not implemented yet).
-    pub has_tls: bool,
+    /// `spec.tls`, in order.
+    pub tls: Vec<IngressTls>,
 }
 
 /// One host of an Ingress; `host` is `None` for "every host".
@@ -143,6 +198,10 @@ pub struct Model {
     pub namespaces: BTreeSet<String>,
     /// Keyed by (namespace, name).
     pub ingresses: BTreeMap<(String, String), Ingress>,
+    /// Keyed by (namespace, name).
+    pub secrets: BTreeMap<(String, String), Secret>,
+    /// Keyed by (namespace, name).
+    pub pods: BTreeMap<(String, String), Pod>,
 }
 
 impl Model {
@@ -171,9 +230,36 @@ impl Model {
                         .ingresses
                         .insert((i.namespace.clone(), i.name.clone()), i);
                 }
+                Object::Secret(s) => {
+                    model
+                        .secrets
+                        .insert((s.namespace.clone(), s.name.clone()), s);
+                }
+                Object::Pod(p) => {
+                    model.pods.insert((p.namespace.clone(), p.name.clone()), p);
+                }
             }
         }
         model
+    }
+
+    /// The secret `name` in `namespace`.
+    pub fn secret(&self, namespace: &str, name: &str) -> Option<&Secret> {
+        self.secrets.get(&(namespace.to_string(), name.to_string()))
+    }
+
+    /// The pod with IP `ip` (a sidecar's own workload); running pods first, then by
+    /// namespace/name, so a finished pod that kept its IP does not shadow the live one.
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Pod> {
+        let mut pods = self.pods.values().filter(|p| p.ip == Some(ip));
+        let first = pods.next()?;
+        if first.phase.as_deref() == Some("Running") {
+            return Some(first);
+        }
+        Some(
+            pods.find(|p| p.phase.as_deref() == Some("Running"))
+                .unwrap_or(first),
+        )
     }
 
     /// The EndpointSlices of a service.
@@ -280,7 +366,54 @@ struct IngressSpec {
     #[serde(default)]
     rules: Vec<RuleSpec>,
     #[serde(default)]
-    tls: Option<Vec<serde_yaml::Value>>,
+    tls: Option<Vec<TlsSpec>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TlsSpec {
+    #[serde(default)]
+    hosts: Option<Vec<String>>,
+    #[serde(default)]
+    secret_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SecretManifest {
+    metadata: Meta,
+    #[serde(default, rename = "type")]
+    secret_type: Option<String>,
+    #[serde(default)]
+    data: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    string_data: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+struct PodManifest {
+    metadata: Meta,
+    #[serde(default)]
+    status: Option<PodStatusSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodStatusSpec {
+    #[serde(default, rename = "podIP")]
+    pod_ip: Option<String>,
+    #[serde(default)]
+    phase: Option<String>,
+    #[serde(default)]
+    conditions: Option<Vec<PodConditionSpec>>,
+}
+
+#[derive(Deserialize)]
+struct PodConditionSpec {
+    #[serde(rename = "type")]
+    condition_type: String,
+    #[serde(default)]
+    status: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -381,7 +514,7 @@ pub fn parse_manifests(text: &str) -> Result<Vec<Object>, ManifestError> {
         if name.is_empty()
             && matches!(
                 kind.as_str(),
-                "Service" | "EndpointSlice" | "Namespace" | "Ingress"
+                "Service" | "EndpointSlice" | "Namespace" | "Ingress" | "Secret" | "Pod"
             )
         {
             return Err(object_error("metadata.name is required".into()));
@@ -401,6 +534,16 @@ pub fn parse_manifests(text: &str) -> Result<Vec<Object>, ManifestError> {
                 let m: IngressManifest =
                     serde_yaml::from_value(value).map_err(|e| object_error(e.to_string()))?;
                 Object::Ingress(ingress(m).map_err(object_error)?)
+            }
+            "Secret" => {
+                let m: SecretManifest =
+                    serde_yaml::from_value(value).map_err(|e| object_error(e.to_string()))?;
+                Object::Secret(secret(m).map_err(object_error)?)
+            }
+            "Pod" => {
+                let m: PodManifest =
+                    serde_yaml::from_value(value).map_err(|e| object_error(e.to_string()))?;
+                Object::Pod(pod(m).map_err(object_error)?)
             }
             "Namespace" => {
                 let m: NamespaceManifest =
@@ -503,7 +646,75 @@ fn ingress(m: IngressManifest) -> Result<Ingress, String> {
         class: m.spec.ingress_class_name,
         default_backend,
         rules,
-        has_tls: m.spec.tls.is_some_and(|t| !t.is_empty()),
+        tls: m
+            .spec
+            .tls
+            .unwrap_or_default()
+            .into_iter()
+            .map(|t| IngressTls {
+                hosts: t
+                    .hosts
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|h| !h.is_empty())
+                    .map(|h| h.to_ascii_lowercase())
+                    .collect(),
+                secret_name: t.secret_name.filter(|n| !n.is_empty()),
+            })
+            .collect(),
+    })
+}
+
+/// Decodes `data` (standard base64; line breaks allowed, as `kubectl` accepts) and merges
+/// `stringData` over it, as the API server does on write. Values never enter an error.
+fn secret(m: SecretManifest) -> Result<Secret, String> {
+    let mut data = BTreeMap::new();
+    for (key, value) in m.data.unwrap_or_default() {
+        let compact: String = value.split_whitespace().collect();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(compact.as_bytes())
+            .map_err(|_| format!("data.{key}: not valid base64"))?;
+        data.insert(key, bytes);
+    }
+    for (key, value) in m.string_data.unwrap_or_default() {
+        data.insert(key, value.into_bytes());
+    }
+    Ok(Secret {
+        namespace: namespace_of(&m.metadata),
+        name: m.metadata.name,
+        secret_type: m
+            .secret_type
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(|| "Opaque".into()),
+        data,
+    })
+}
+
+fn pod(m: PodManifest) -> Result<Pod, String> {
+    let status = m.status;
+    let ip = status
+        .as_ref()
+        .and_then(|s| s.pod_ip.as_deref())
+        .filter(|ip| !ip.is_empty())
+        .map(|ip| {
+            ip.parse::<IpAddr>()
+                .map_err(|_| format!("status.podIP: {ip:?} is not an IP address"))
+        })
+        .transpose()?;
+    let ready = status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| {
+            c.iter()
+                .any(|c| c.condition_type == "Ready" && c.status.as_deref() == Some("True"))
+        });
+    Ok(Pod {
+        namespace: namespace_of(&m.metadata),
+        name: m.metadata.name,
+        labels: m.metadata.labels,
+        ip,
+        phase: status.and_then(|s| s.phase),
+        ready,
     })
 }
 
@@ -608,6 +819,85 @@ metadata: {name: ignored}
         assert_eq!(
             err.as_deref(),
             Some("document 0 (Ingress i): spec.rules[0].http.paths[0].pathType: unknown \"Regex\"")
+        );
+    }
+
+    #[test]
+    fn parses_secrets_pods_and_ingress_tls() -> Result<(), ManifestError> {
+        // "Y2VydA==" is "cert", "a2V5\n" a line-broken "key".
+        let text = r#"
+kind: Secret
+metadata: {name: shop-tls, namespace: shop}
+type: kubernetes.io/tls
+data: {tls.crt: "Y2VydA==", tls.key: "a2V5\n"}
+stringData: {tls.key: "override"}
+---
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+status:
+  podIP: 10.0.0.7
+  phase: Running
+  conditions: [{type: Ready, status: "True"}]
+---
+kind: Pod
+metadata: {name: pending}
+---
+kind: Ingress
+metadata: {name: shop, namespace: shop}
+spec:
+  tls:
+  - {hosts: [Shop.Example.com, ""], secretName: shop-tls}
+  - {}
+"#;
+        let model = Model::build(parse_manifests(text)?);
+        let secret = model
+            .secret("shop", "shop-tls")
+            .ok_or_else(|| ManifestError::Document {
+                index: 0,
+                reason: "no secret".into(),
+            })?;
+        assert_eq!(secret.secret_type, TLS_SECRET_TYPE);
+        assert_eq!(secret.data["tls.crt"], b"cert");
+        assert_eq!(secret.data["tls.key"], b"override", "stringData wins");
+        let debug = format!("{secret:?}");
+        assert!(
+            !debug.contains("cert\"") && !debug.contains("override"),
+            "{debug}"
+        );
+        let pod = model.pod_by_ip("10.0.0.7".parse().map_err(|_| ManifestError::Document {
+            index: 0,
+            reason: "ip".into(),
+        })?);
+        assert_eq!(
+            pod.map(|p| (p.name.as_str(), p.ready, p.labels["app"].as_str())),
+            Some(("web-1", true, "web"))
+        );
+        let pending = &model.pods[&("default".to_string(), "pending".to_string())];
+        assert!(pending.ip.is_none() && !pending.ready);
+        let ingress = &model.ingresses[&("shop".to_string(), "shop".to_string())];
+        assert_eq!(
+            ingress.tls,
+            [
+                IngressTls {
+                    hosts: vec!["shop.example.com".into()],
+                    secret_name: Some("shop-tls".into())
+                },
+                IngressTls {
+                    hosts: vec![],
+                    secret_name: None
+                }
+            ]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_bad_base64_without_echoing_it() {
+        let bad = "kind: Secret\nmetadata: {name: s}\ndata: {tls.key: \"c2VjcmV0!!\"}\n";
+        let err = parse_manifests(bad).err().map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("document 0 (Secret s): data.tls.key: not valid base64")
         );
     }
 

@@ -1,20 +1,22 @@
 //! Snapshots: one proxy group's encoded resources, with a version per resource type.
 //!
 //! A snapshot is built only from a consistent set of resources (every route configuration a
-//! listener names, every cluster a route names and the ClusterLoadAssignment of every EDS
-//! cluster exist; names are unique per type). A type keeps its version when none of its
+//! listener names, every SDS secret its TLS contexts name, every cluster a route names and
+//! the ClusterLoadAssignment of every EDS cluster exist; names are unique per type). A type keeps its version when none of its
 //! resources changed, so a proxy is never pushed what it already has.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 use legate_proto::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType};
+use legate_proto::pb::envoy::config::core::v3::transport_socket::ConfigType as TransportSocketConfig;
 use legate_proto::pb::envoy::config::listener::v3::filter::ConfigType;
 use legate_proto::pb::envoy::config::route::v3::route::Action;
 use legate_proto::pb::envoy::config::route::v3::route_action::ClusterSpecifier;
 use legate_proto::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     http_connection_manager::RouteSpecifier, HttpConnectionManager,
 };
+use legate_proto::pb::envoy::extensions::transport_sockets::tls::v3::DownstreamTlsContext;
 use legate_proto::pb::google::protobuf::Any;
 use prost::{Message, Name};
 
@@ -27,15 +29,22 @@ pub enum ResourceType {
     Endpoint,
     Listener,
     Route,
+    Secret,
 }
 
 impl ResourceType {
-    /// Push order over ADS: CDS, EDS, LDS, RDS.
-    pub const ORDER: [ResourceType; 4] = [
+    /// How many types there are.
+    pub const COUNT: usize = 5;
+
+    /// Push order over ADS: CDS, EDS, LDS, RDS, SDS — Istio's order. A listener waits
+    /// (warms) for its routes and secrets, so both may follow it; secrets are only ever
+    /// requested by name, once a proxy has the listeners that name them.
+    pub const ORDER: [ResourceType; Self::COUNT] = [
         ResourceType::Cluster,
         ResourceType::Endpoint,
         ResourceType::Listener,
         ResourceType::Route,
+        ResourceType::Secret,
     ];
 
     pub fn index(self) -> usize {
@@ -50,6 +59,9 @@ impl ResourceType {
             }
             ResourceType::Listener => "type.googleapis.com/envoy.config.listener.v3.Listener",
             ResourceType::Route => "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+            ResourceType::Secret => {
+                "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+            }
         }
     }
 
@@ -57,13 +69,14 @@ impl ResourceType {
         Self::ORDER.into_iter().find(|t| t.type_url() == url)
     }
 
-    /// `cds`, `eds`, `lds`, `rds`.
+    /// `cds`, `eds`, `lds`, `rds`, `sds`.
     pub fn short_name(self) -> &'static str {
         match self {
             ResourceType::Cluster => "cds",
             ResourceType::Endpoint => "eds",
             ResourceType::Listener => "lds",
             ResourceType::Route => "rds",
+            ResourceType::Secret => "sds",
         }
     }
 
@@ -84,8 +97,12 @@ pub enum SnapshotError {
     MissingCluster { route: String, cluster: String },
     #[error("EDS cluster {0:?} has no ClusterLoadAssignment")]
     MissingEndpoints(String),
+    #[error("listener {listener:?} names secret {secret:?}, which does not exist")]
+    MissingSecret { listener: String, secret: String },
     #[error("listener {listener:?}: cannot decode its HTTP connection manager: {reason}")]
     BadFilter { listener: String, reason: String },
+    #[error("listener {listener:?}: cannot decode its TLS context: {reason}")]
+    BadTransportSocket { listener: String, reason: String },
 }
 
 /// One encoded resource; `hash` is its per-resource version.
@@ -116,7 +133,7 @@ impl TypeSnapshot {
 /// An immutable, consistent set of resources for one proxy group.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
-    types: [TypeSnapshot; 4],
+    types: [TypeSnapshot; ResourceType::COUNT],
 }
 
 fn encode<M: Message + Name>(
@@ -147,6 +164,7 @@ fn encode<M: Message + Name>(
 pub fn check_consistent(resources: &Resources) -> Result<(), SnapshotError> {
     let routes: BTreeSet<&str> = resources.routes.iter().map(|r| r.name.as_str()).collect();
     let clusters: BTreeSet<&str> = resources.clusters.iter().map(|c| c.name.as_str()).collect();
+    let secrets: BTreeSet<&str> = resources.secrets.iter().map(|s| s.name.as_str()).collect();
     let assignments: BTreeSet<&str> = resources
         .endpoints
         .iter()
@@ -154,6 +172,37 @@ pub fn check_consistent(resources: &Resources) -> Result<(), SnapshotError> {
         .collect();
     for listener in &resources.listeners {
         for chain in &listener.filter_chains {
+            let tls = chain
+                .transport_socket
+                .as_ref()
+                .and_then(|t| match &t.config_type {
+                    Some(TransportSocketConfig::TypedConfig(any))
+                        if any.type_url == DownstreamTlsContext::type_url() =>
+                    {
+                        Some(any)
+                    }
+                    _ => None,
+                });
+            if let Some(any) = tls {
+                let context = DownstreamTlsContext::decode(any.value.as_slice()).map_err(|e| {
+                    SnapshotError::BadTransportSocket {
+                        listener: listener.name.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                let named = context
+                    .common_tls_context
+                    .iter()
+                    .flat_map(|c| &c.tls_certificate_sds_secret_configs);
+                for sds in named {
+                    if !secrets.contains(sds.name.as_str()) {
+                        return Err(SnapshotError::MissingSecret {
+                            listener: listener.name.clone(),
+                            secret: sds.name.clone(),
+                        });
+                    }
+                }
+            }
             for filter in &chain.filters {
                 let Some(ConfigType::TypedConfig(any)) = &filter.config_type else {
                     continue;
@@ -229,6 +278,7 @@ impl Snapshot {
             encode("route configuration", &resources.routes, |r| {
                 r.name.as_str()
             })?,
+            encode("secret", &resources.secrets, |s| s.name.as_str())?,
         ];
         let mut snapshot = Snapshot::default();
         for (t, resources) in ResourceType::ORDER.into_iter().zip(encoded) {
@@ -274,6 +324,7 @@ mod tests {
             namespace: "default".into(),
             listener_port: 15001,
             inbound_port: 15006,
+            https_port: 8443,
         };
         Ok(translate(&model, &group, &TranslateOptions::default()))
     }

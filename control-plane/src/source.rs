@@ -227,6 +227,7 @@ mod tests {
                 namespace: "default".into(),
                 listener_port: 15001,
                 inbound_port: 15006,
+                https_port: 8443,
             };
             let snapshot = Snapshot::build(
                 &translate(&model, &group, &TranslateOptions::default()),

@@ -42,6 +42,7 @@ use legate_proto::pb::envoy::extensions::filters::network::http_connection_manag
     http_connection_manager::{CodecType, RouteSpecifier, StripPortMode},
     http_filter, HttpConnectionManager, HttpFilter, Rds,
 };
+use legate_proto::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use legate_proto::pb::envoy::extensions::upstreams::http::v3::{
     http_protocol_options::{
         explicit_http_config::ProtocolConfig, ExplicitHttpConfig, UpstreamProtocolOptions,
@@ -67,6 +68,8 @@ pub struct Resources {
     pub endpoints: Vec<ClusterLoadAssignment>,
     pub listeners: Vec<Listener>,
     pub routes: Vec<RouteConfiguration>,
+    /// SDS secrets; only a gateway gets any, and only those its listeners name.
+    pub secrets: Vec<Secret>,
 }
 
 /// What translation needs besides the model and the group.
@@ -166,9 +169,10 @@ pub fn translate(model: &Model, group: &ProxyGroup, options: &TranslateOptions) 
             resources.routes.push(inbound.routes);
         }
         Role::Router => {
-            let (listener, routes) = crate::gateway::translate(model, group, options);
-            resources.listeners.push(listener);
-            resources.routes.push(routes);
+            let gateway = crate::gateway::translate(model, group, options);
+            resources.listeners.extend(gateway.listeners);
+            resources.routes.extend(gateway.routes);
+            resources.secrets.extend(gateway.secrets);
         }
     }
     resources
@@ -293,15 +297,12 @@ fn outbound_listener(ip: IpAddr, port: u16, route_name: &str) -> Listener {
     listener
 }
 
-/// A listener with one HTTP connection manager whose routes come from RDS over ADS.
-pub(crate) fn http_listener(
-    name: &str,
-    ip: IpAddr,
-    port: u16,
+/// The HTTP connection manager filter, its routes from RDS over ADS.
+pub(crate) fn hcm_filter(
     route_name: &str,
     stat_prefix: &str,
     strip_port_mode: Option<StripPortMode>,
-) -> Listener {
+) -> Filter {
     let hcm = HttpConnectionManager {
         stat_prefix: stat_prefix.to_string(),
         codec_type: CodecType::Auto as i32,
@@ -319,14 +320,26 @@ pub(crate) fn http_listener(
         }],
         ..Default::default()
     };
+    Filter {
+        name: "envoy.filters.network.http_connection_manager".into(),
+        config_type: Some(filter::ConfigType::TypedConfig(to_any(&hcm))),
+    }
+}
+
+/// A listener with one HTTP connection manager whose routes come from RDS over ADS.
+pub(crate) fn http_listener(
+    name: &str,
+    ip: IpAddr,
+    port: u16,
+    route_name: &str,
+    stat_prefix: &str,
+    strip_port_mode: Option<StripPortMode>,
+) -> Listener {
     Listener {
         name: name.to_string(),
         address: Some(socket_address(&ip.to_string(), port)),
         filter_chains: vec![FilterChain {
-            filters: vec![Filter {
-                name: "envoy.filters.network.http_connection_manager".into(),
-                config_type: Some(filter::ConfigType::TypedConfig(to_any(&hcm))),
-            }],
+            filters: vec![hcm_filter(route_name, stat_prefix, strip_port_mode)],
             ..Default::default()
         }],
         ..Default::default()
@@ -465,6 +478,7 @@ endpoints:
             namespace: "default".into(),
             listener_port: 15001,
             inbound_port: 15006,
+            https_port: 8443,
         }
     }
 
@@ -627,6 +641,7 @@ endpoints:
             role: Role::Router,
             listener_port: 8080,
             inbound_port: 15006,
+            https_port: 8443,
             ..sidecar()
         };
         let r = translate(&model, &group, &TranslateOptions::default());

@@ -59,7 +59,7 @@ impl DeltaType {
 /// The per-type state of one Delta stream.
 #[derive(Debug, Default)]
 pub struct DeltaState {
-    types: [DeltaType; 4],
+    types: [DeltaType; ResourceType::COUNT],
     next_nonce: u64,
 }
 
@@ -252,6 +252,7 @@ mod tests {
             namespace: "default".into(),
             listener_port: 15001,
             inbound_port: 15006,
+            https_port: 8443,
         };
         let model = Model::build(parse_manifests(&text.join("---\n"))?);
         let r = translate(&model, &group, &TranslateOptions::default());

@@ -117,7 +117,7 @@ pub struct TypeStatus {
 /// The per-type xDS state of one stream.
 #[derive(Debug, Default)]
 pub struct StreamState {
-    types: [TypeState; 4],
+    types: [TypeState; ResourceType::COUNT],
     next_nonce: u64,
 }
 
@@ -268,6 +268,7 @@ mod tests {
             namespace: "default".into(),
             listener_port: 15001,
             inbound_port: 15006,
+            https_port: 8443,
         };
         let r = translate(
             &Model::build(parse_manifests(&text)?),
