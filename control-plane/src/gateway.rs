@@ -552,4 +552,28 @@ spec:
         ));
         Ok(())
     }
+
+    #[test]
+    fn a_new_certificate_changes_only_sds() -> Result<(), Box<dyn std::error::Error>> {
+        let tls = "---\nkind: Ingress\nmetadata: {name: tls, namespace: shop}\nspec:\n  tls: [{hosts: [shop.example.com], secretName: s}]\n";
+        let snapshot = |previous: Option<&crate::snapshot::Snapshot>, version| {
+            let secret = crate::tls::tests::tls_secret(&["shop.example.com"], true)?;
+            let model = Model::build(parse_manifests(&format!("{INGRESS}{tls}---\n{secret}"))?);
+            let resources = crate::translate::translate(
+                &model,
+                &group(8080, 8443),
+                &TranslateOptions::default(),
+            );
+            Ok::<_, Box<dyn std::error::Error>>(crate::snapshot::Snapshot::build(
+                &resources, previous, version,
+            )?)
+        };
+        let first = snapshot(None, 1)?;
+        let second = snapshot(Some(&first), 2)?;
+        assert_eq!(
+            second.changed_types(&first),
+            [crate::snapshot::ResourceType::Secret]
+        );
+        Ok(())
+    }
 }

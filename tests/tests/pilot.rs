@@ -1,4 +1,4 @@
-//! `legate-pilot` driving real Envoy 1.40 over ADS (state of the world).
+//! `legate-pilot` driving real Envoy 1.40 and Legate over ADS (state of the world and Delta).
 //!
 //! The pilot watches a temp directory holding a Service and its EndpointSlice, which points at
 //! a Rust echo upstream. Envoy starts from a bootstrap that knows nothing but the pilot's
@@ -6,6 +6,8 @@
 //! echo upstream through the outbound listener the pilot gives it. Editing the EndpointSlice
 //! must move traffic to a second upstream; a malformed manifest must change nothing; the
 //! pilot's `/debug/syncz` must show the proxy in sync and `/metrics` count pushes, no NACKs.
+//! A gateway serves Ingress rules over HTTP, and over HTTPS with the certificate of the
+//! Ingress's TLS Secret, delivered over SDS and rotated by editing the Secret.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use legate_tests::bins::{workspace_root, ProxyKind};
-use legate_tests::client::{admin_get, send, Request, Transport};
+use legate_tests::certs::{SharedPki, TestPki};
+use legate_tests::client::{admin_get, send, ClientCert, Request, Transport};
 use legate_tests::process::{ProcessGuard, TempDir};
 use legate_tests::proxy::{parse_listeners, Proxy};
 use legate_tests::upstream::{Echo, Upstream};
@@ -459,6 +462,8 @@ async fn follows_the_pilot(kind: ProxyKind, api_type: &str) -> Result<()> {
 
 const GATEWAY_ID: &str = "router~127.0.0.1~gateway.default~default.svc.cluster.local";
 
+/// The Ingress: `/api` on shop.example.com, HTTPS for it with the `shop-tls` Secret, and a
+/// TLS entry whose Secret does not exist (left out, counted as a config error).
 fn ingress(default_backend: bool) -> String {
     let default = if default_backend {
         "  defaultBackend: {service: {name: echo, port: {number: 80}}}\n"
@@ -470,7 +475,12 @@ fn ingress(default_backend: bool) -> String {
 kind: Ingress
 metadata: {{name: shop, namespace: default}}
 spec:
-{default}  rules:
+{default}  tls:
+  - hosts: [shop.example.com]
+    secretName: shop-tls
+  - hosts: [missing.example.com]
+    secretName: no-such-secret
+  rules:
   - host: shop.example.com
     http:
       paths:
@@ -479,6 +489,56 @@ spec:
         backend: {{service: {{name: echo, port: {{name: http}}}}}}
 "#
     )
+}
+
+/// Standard base64 (RFC 4648, padded), for Secret `data`.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> shift) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// The `kubernetes.io/tls` Secret `shop-tls` holding `pki`'s server certificate and key.
+fn tls_secret(pki: &TestPki) -> Result<String> {
+    let cert = std::fs::read(pki.dir.join("server.pem"))?;
+    let key = std::fs::read(pki.dir.join("server.key"))?;
+    Ok(format!(
+        r#"apiVersion: v1
+kind: Secret
+metadata: {{name: shop-tls, namespace: default}}
+type: kubernetes.io/tls
+data:
+  tls.crt: {}
+  tls.key: {}
+"#,
+        base64(&cert),
+        base64(&key)
+    ))
+}
+
+/// HTTPS to `addr` with SNI `sni`, trusting only `pki`'s CA.
+fn https(pki: &SharedPki, sni: &str) -> Transport {
+    Transport::Tls {
+        pki: pki.clone(),
+        sni: sni.into(),
+        alpn: vec![],
+        client_cert: ClientCert::None,
+    }
 }
 
 async fn status_of(proxy: SocketAddr, host: &str, path: &str) -> Result<u16> {
@@ -490,23 +550,39 @@ async fn status_of(proxy: SocketAddr, host: &str, path: &str) -> Result<u16> {
 /// A gateway Envoy (`router` role) serves the Ingress rules, and follows their edits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_envoy_serves_ingress_rules() -> Result<()> {
-    gateway_serves_ingress_rules(ProxyKind::Envoy).await
+    gateway_serves_ingress_rules(ProxyKind::Envoy, "GRPC").await
 }
 
 /// The same with Legate as the gateway.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_legate_serves_ingress_rules() -> Result<()> {
-    gateway_serves_ingress_rules(ProxyKind::Legate).await
+    gateway_serves_ingress_rules(ProxyKind::Legate, "GRPC").await
 }
 
-async fn gateway_serves_ingress_rules(kind: ProxyKind) -> Result<()> {
+/// The gateway over Delta xDS (SDS included), Envoy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_envoy_serves_ingress_rules_delta() -> Result<()> {
+    gateway_serves_ingress_rules(ProxyKind::Envoy, "DELTA_GRPC").await
+}
+
+/// The gateway over Delta xDS (SDS included), Legate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_legate_serves_ingress_rules_delta() -> Result<()> {
+    gateway_serves_ingress_rules(ProxyKind::Legate, "DELTA_GRPC").await
+}
+
+async fn gateway_serves_ingress_rules(kind: ProxyKind, api_type: &str) -> Result<()> {
     let dir = TempDir::new("pilot-gw")?;
     let mesh = dir.path().join("mesh");
     std::fs::create_dir_all(&mesh)?;
+    let pki = TestPki::generate(&dir.path().join("pki"))?;
+    let rotated = TestPki::generate(&dir.path().join("pki-rotated"))?;
     let a = Upstream::plain("a").await?;
     write_manifest(&mesh.join("echo.yaml"), &manifests(a.addr.port()))?;
     let ingress_yaml = mesh.join("ingress.yaml");
     write_manifest(&ingress_yaml, &ingress(false))?;
+    let secret_yaml = mesh.join("shop-tls.yaml");
+    write_manifest(&secret_yaml, &tls_secret(&pki)?)?;
 
     let pilot = Pilot::start(dir.path(), &mesh).await?;
     let bootstrap_path = dir.path().join("gateway.yaml");
@@ -514,17 +590,21 @@ async fn gateway_serves_ingress_rules(kind: ProxyKind) -> Result<()> {
         &bootstrap_path,
         bootstrap_for(
             pilot.xds,
-            "GRPC",
+            api_type,
             GATEWAY_ID,
-            r#"LEGATE_GATEWAY_HTTP_PORT: "0""#,
+            r#"LEGATE_GATEWAY_HTTP_PORT: "0", LEGATE_GATEWAY_HTTPS_PORT: "0""#,
         ),
     )?;
     let envoy = Proxy::start(kind, &bootstrap_path, dir.path())
         .await
         .with_context(|| pilot.guard.output())?;
-    let http = eventually("the gateway's HTTP listener", || async {
+    let (http, tls) = eventually("the gateway's HTTP and HTTPS listeners", || async {
         let (_, body) = admin_get(envoy.admin, "/listeners?format=json").await?;
-        Ok(parse_listeners(&body)?.get("127.0.0.1_0").copied())
+        let listeners = parse_listeners(&body)?;
+        Ok(listeners
+            .get("127.0.0.1_0")
+            .copied()
+            .zip(listeners.get("127.0.0.1_0_https").copied()))
     })
     .await
     .with_context(|| envoy.output())?;
@@ -556,6 +636,57 @@ async fn gateway_serves_ingress_rules(kind: ProxyKind) -> Result<()> {
         "unknown host"
     );
 
+    // HTTPS for shop.example.com, with the certificate of the Secret (SDS). The listener may
+    // be up before its secret arrives, so the first handshakes may fail.
+    let shop = Request::get("shop.example.com", "/api/items");
+    let answered = eventually("HTTPS for shop.example.com", || async {
+        Ok(send(tls, &https(&pki, "shop.example.com"), &shop)
+            .await
+            .ok()
+            .filter(|r| r.status == 200))
+    })
+    .await
+    .with_context(|| envoy.output())?;
+    let echo: Echo = serde_json::from_slice(&answered.body)?;
+    assert_eq!(echo.upstream, "a");
+    assert!(
+        send(tls, &https(&pki, "unknown.test"), &shop)
+            .await
+            .is_err(),
+        "no filter chain (and no certificate) for an SNI no TLS entry names"
+    );
+    assert!(
+        send(tls, &https(&pki, "missing.example.com"), &shop)
+            .await
+            .is_err(),
+        "the entry whose Secret does not exist is left out"
+    );
+    eventually("the missing secret counted as a config error", || async {
+        Ok((pilot.metric("pilot_config_errors_total").await? >= 1.0).then_some(()))
+    })
+    .await?;
+
+    // Rotation: the Secret now holds a certificate from another CA; new handshakes get it.
+    write_manifest(&secret_yaml, &tls_secret(&rotated)?)?;
+    let edited = Instant::now();
+    eventually("the rotated certificate served", || async {
+        Ok(send(tls, &https(&rotated, "shop.example.com"), &shop)
+            .await
+            .ok()
+            .filter(|r| r.status == 200))
+    })
+    .await?;
+    eprintln!(
+        "{kind} {api_type}: new handshakes got the rotated certificate {:?} after the edit",
+        edited.elapsed()
+    );
+    assert!(
+        send(tls, &https(&pki, "shop.example.com"), &shop)
+            .await
+            .is_err(),
+        "the old certificate is no longer presented"
+    );
+
     // Adding a default backend serves every other request.
     write_manifest(&ingress_yaml, &ingress(true))?;
     eventually("the default backend serves unknown hosts", || async {
@@ -568,6 +699,48 @@ async fn gateway_serves_ingress_rules(kind: ProxyKind) -> Result<()> {
         answered_by(http, "shop.example.com").await?.as_deref(),
         Some("a")
     );
+    let root = send(
+        tls,
+        &https(&rotated, "shop.example.com"),
+        &Request::get("shop.example.com", "/"),
+    )
+    .await?;
+    assert_eq!(root.status, 200, "HTTPS routes follow the edit too");
+
+    // The secret is in the proxy's config dump by name, never its key.
+    let (_, dump) = admin_get(envoy.admin, "/config_dump").await?;
+    assert!(
+        dump.contains("kubernetes://default/shop-tls"),
+        "{kind}: {dump}"
+    );
+    assert!(
+        !dump.contains("PRIVATE KEY"),
+        "{kind}: a key in /config_dump"
+    );
+
+    // In sync for every type, SDS included; no NACK.
+    let syncz = eventually("the gateway in sync in /debug/syncz", || async {
+        let body = pilot.get("/debug/syncz").await?;
+        let proxies: serde_json::Value = serde_json::from_str(&body)?;
+        let proxy = proxies
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["node_id"] == GATEWAY_ID))
+            .cloned();
+        Ok(proxy.filter(|p| p["in_sync"] == true))
+    })
+    .await?;
+    for t in ["cds", "eds", "lds", "rds", "sds"] {
+        let status = &syncz["types"][t];
+        assert_eq!(status["subscribed"], true, "{t}: {syncz}");
+        assert_eq!(
+            status["acked_version"], status["latest_version"],
+            "{t}: {syncz}"
+        );
+        assert!(status["nack"].is_null(), "{t}: {syncz}");
+        let sample = format!("pilot_xds_nacks_total{{type=\"{t}\"}}");
+        assert_eq!(pilot.metric(&sample).await?, 0.0, "{sample}");
+    }
+    assert!(pilot.metric("pilot_xds_pushes_total{type=\"sds\"}").await? >= 2.0);
     Ok(())
 }
 
