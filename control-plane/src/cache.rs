@@ -118,6 +118,11 @@ impl SnapshotCache {
         Ok(())
     }
 
+    /// The current model.
+    pub fn model(&self) -> Option<Arc<Model>> {
+        self.inner.lock().ok().map(|i| i.model.clone())
+    }
+
     /// The groups currently watched.
     pub fn groups(&self) -> usize {
         self.inner.lock().map(|i| i.groups.len()).unwrap_or(0)

@@ -13,10 +13,14 @@ use crate::xds::stream::TypeStatus;
 pub struct ProxyStatus {
     pub stream: u64,
     pub node_id: String,
+    /// `NAMESPACE/NAME` of the `Pod` whose `status.podIP` is the proxy's IP, at connect time.
+    pub pod: Option<String>,
+    /// `node.metadata.LABELS`, or the pod's labels when the node gives none.
+    pub labels: BTreeMap<String, String>,
     pub group: String,
     /// Seconds since the Unix epoch.
     pub connected_at: u64,
-    /// Keyed by `cds`, `eds`, `lds`, `rds`; only subscribed types.
+    /// Keyed by `cds`, `eds`, `lds`, `rds`, `sds`; only subscribed types.
     pub types: BTreeMap<&'static str, TypeStatus>,
     /// Every subscribed type is in sync.
     pub in_sync: bool,

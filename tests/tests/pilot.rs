@@ -798,6 +798,11 @@ mod scripted {
         std::fs::create_dir_all(&mesh)?;
         let echo_yaml = mesh.join("echo.yaml");
         write_manifest(&echo_yaml, &manifests(9))?;
+        // The client's pod: /debug/syncz names it and shows its labels.
+        write_manifest(
+            &mesh.join("client-pod.yaml"),
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: client-1, namespace: default, labels: {app: client}}\nstatus: {podIP: 127.0.0.9, phase: Running, conditions: [{type: Ready, status: \"True\"}]}\n",
+        )?;
         let pilot = Pilot::start(dir.path(), &mesh).await?;
 
         // Not an endpoint of echo, so it has no inbound cluster.
@@ -841,6 +846,8 @@ mod scripted {
             "{syncz}"
         );
         assert_eq!(cds["in_sync"], false, "{syncz}");
+        assert_eq!(syncz[0]["pod"], "default/client-1", "{syncz}");
+        assert_eq!(syncz[0]["labels"]["app"], "client", "{syncz}");
 
         // A new port changes CDS: pushed despite the earlier NACK, then ACKed.
         write_manifest(

@@ -206,6 +206,8 @@ enum StreamEnd {
 /// The per-stream context once the proxy is identified.
 struct Session<P> {
     node_id: String,
+    pod: Option<String>,
+    labels: BTreeMap<String, String>,
     group: String,
     connected_at: u64,
     state: P,
@@ -243,8 +245,18 @@ impl<P: Protocol + Default> StreamTask<P> {
             .watch(&group)
             .map_err(|e| StreamEnd::Refused(Status::internal(e.to_string())))?;
         tracing::info!(stream = self.id, protocol = P::NAME, node = %identity.id, group = %group, "proxy connected");
+        // The proxy's own pod (by its IP), and its labels when the node does not say them.
+        let model = self.cache.model();
+        let pod = model.as_deref().and_then(|m| m.pod_by_ip(identity.ip));
+        let labels = if identity.labels.is_empty() {
+            pod.map(|p| p.labels.clone()).unwrap_or_default()
+        } else {
+            identity.labels.clone()
+        };
         let mut session = Session {
             node_id: identity.id.clone(),
+            pod: pod.map(|p| format!("{}/{}", p.namespace, p.name)),
+            labels,
             group: group.to_string(),
             connected_at: ProxyRegistry::connected_at_now(),
             state: P::default(),
@@ -367,6 +379,8 @@ impl<P: Protocol + Default> StreamTask<P> {
         self.registry.update(ProxyStatus {
             stream: self.id,
             node_id: session.node_id.clone(),
+            pod: session.pod.clone(),
+            labels: session.labels.clone(),
             group: session.group.clone(),
             connected_at: session.connected_at,
             types,
