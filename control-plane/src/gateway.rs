@@ -151,36 +151,35 @@ pub fn translate(
     let port = group.listener_port;
     let route_name = format!("http.{port}");
     let virtual_hosts = virtual_hosts(model, options);
-    let mut out = GatewayResources::default();
-    if let Some((listener, secrets)) = https_listener(model, group) {
-        let https_route = RouteConfiguration {
+    let https = https_listener(model, group).map(|(listener, secrets)| {
+        let routes = RouteConfiguration {
             name: format!("https.{}", group.https_port),
             virtual_hosts: covered(&virtual_hosts, &listener),
             ..Default::default()
         };
-        out.routes.push(https_route);
-        out.listeners.push(listener);
-        out.secrets = secrets;
-    }
-    out.listeners.insert(
-        0,
-        http_listener(
+        (listener, routes, secrets)
+    });
+    let mut out = GatewayResources {
+        listeners: vec![http_listener(
             &format!("{}_{port}", group.ip),
             group.ip,
             port,
             &route_name,
             &format!("gateway_{port}"),
             Some(StripPortMode::StripAnyHostPort(true)),
-        ),
-    );
-    out.routes.insert(
-        0,
-        RouteConfiguration {
+        )],
+        routes: vec![RouteConfiguration {
             name: route_name,
             virtual_hosts,
             ..Default::default()
-        },
-    );
+        }],
+        secrets: Vec::new(),
+    };
+    if let Some((listener, routes, secrets)) = https {
+        out.listeners.push(listener);
+        out.routes.push(routes);
+        out.secrets = secrets;
+    }
     out
 }
 
