@@ -1,0 +1,439 @@
+//! legate-pilot at scale: `--services` Services with `--endpoints` endpoints each, written as
+//! manifests, and `--clients` simulated sidecars on state-of-the-world ADS, each a distinct
+//! proxy (its own identity, so its own snapshot). Reports:
+//!
+//! - time to first full push: from a client's stream opening to its having received (and
+//!   ACKed) clusters, endpoints, listeners and routes; all clients start together;
+//! - endpoint change → ACK: an EndpointSlice of one service is rewritten `--changes` times;
+//!   for each, the time until each client ACKs the new endpoints (p50/p99/max over clients);
+//! - the control plane's resident memory (VmRSS) after the first push and at the end.
+//!
+//! Run with `bench/pilot-scale.sh`; every wait is bounded.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use legate_proto::pb::envoy::config::cluster::v3::Cluster;
+use legate_proto::pb::envoy::config::core::v3::{address, Node};
+use legate_proto::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssignment};
+use legate_proto::pb::envoy::config::listener::v3::{filter, Listener};
+use legate_proto::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    http_connection_manager::RouteSpecifier, HttpConnectionManager,
+};
+use legate_proto::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use legate_proto::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+const RDS: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+/// The cluster whose endpoints change.
+const WATCHED: &str = "outbound|80||svc-0.default.svc.cluster.local";
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// The legate-pilot binary.
+    #[arg(long)]
+    pilot: PathBuf,
+    #[arg(long, default_value_t = 1000)]
+    services: usize,
+    #[arg(long, default_value_t = 10)]
+    endpoints: usize,
+    #[arg(long, default_value_t = 200)]
+    clients: usize,
+    #[arg(long, default_value_t = 10)]
+    changes: usize,
+    #[arg(long, default_value_t = 100)]
+    debounce_ms: u64,
+    /// Write every figure here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn slice(i: usize, endpoints: usize, generation: usize) -> String {
+    let addresses: Vec<String> = (0..endpoints)
+        .map(|j| {
+            if generation == 0 {
+                format!("10.{}.{}.{}", 1 + i / 250, i % 250, j + 1)
+            } else {
+                format!("10.200.{}.{}", generation % 250, j + 1)
+            }
+        })
+        .collect();
+    let mut out = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc-{i}-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: svc-{i}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n"
+    );
+    for a in addresses {
+        out.push_str(&format!(
+            "- addresses: [{a}]\n  conditions: {{ready: true}}\n  zone: zone-a\n"
+        ));
+    }
+    out
+}
+
+fn service(i: usize) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: default}}\nspec:\n  clusterIP: 10.96.{}.{}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n---\n",
+        i / 250,
+        i % 250 + 1
+    )
+}
+
+/// Replaces a file through a rename, as editors and tooling do.
+fn write(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+struct Pilot {
+    child: Child,
+    xds: String,
+}
+
+impl Drop for Pilot {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn start_pilot(args: &Args, dir: &Path) -> Result<Pilot> {
+    let xds_file = dir.join("xds.addr");
+    let child = Command::new(&args.pilot)
+        .arg("--config-dir")
+        .arg(dir.join("manifests"))
+        .args([
+            "--xds-address",
+            "127.0.0.1:0",
+            "--admin-address",
+            "127.0.0.1:0",
+        ])
+        .arg("--xds-address-path")
+        .arg(&xds_file)
+        .args(["--debounce-ms", &args.debounce_ms.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", args.pilot.display()))?;
+    let mut pilot = Pilot {
+        child,
+        xds: String::new(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&xds_file) {
+            if !text.trim().is_empty() {
+                pilot.xds = text.trim().to_string();
+                return Ok(pilot);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("legate-pilot wrote no xDS address within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+enum Event {
+    /// A client had its first full push, this long after its stream opened.
+    FirstFull(Duration),
+    /// A client ACKs endpoints of this generation, at this time.
+    Generation(usize, Instant),
+    Failed(usize, String),
+}
+
+/// One simulated sidecar: opens a SotW stream, follows references (CDS → EDS names, LDS →
+/// RDS names), ACKs everything, and reports what the benchmark times.
+async fn client(i: usize, xds: String, events: mpsc::UnboundedSender<Event>) {
+    if let Err(e) = run_client(i, &xds, &events).await {
+        let _ = events.send(Event::Failed(i, format!("{e:#}")));
+    }
+}
+
+async fn run_client(i: usize, xds: &str, events: &mpsc::UnboundedSender<Event>) -> Result<()> {
+    let mut ads = AggregatedDiscoveryServiceClient::connect(format!("http://{xds}"))
+        .await?
+        .max_decoding_message_size(usize::MAX);
+    let (tx, rx) = mpsc::unbounded_channel::<DiscoveryRequest>();
+    let node = Node {
+        id: format!(
+            "sidecar~10.250.{}.{}~client-{i}.default~default.svc.cluster.local",
+            i / 250,
+            i % 250 + 1
+        ),
+        cluster: "bench".into(),
+        ..Default::default()
+    };
+    let request =
+        |type_url: &str, names: &BTreeSet<String>, version: &str, nonce: &str| DiscoveryRequest {
+            type_url: type_url.into(),
+            resource_names: names.iter().cloned().collect(),
+            version_info: version.into(),
+            response_nonce: nonce.into(),
+            ..Default::default()
+        };
+    let mut first = request(CDS, &BTreeSet::new(), "", "");
+    first.node = Some(node);
+    tx.send(first)?;
+    tx.send(request(LDS, &BTreeSet::new(), "", ""))?;
+    let started = Instant::now();
+    let mut inbound = ads
+        .stream_aggregated_resources(UnboundedReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let mut names: HashMap<&'static str, BTreeSet<String>> = HashMap::new();
+    let mut seen: BTreeSet<&'static str> = BTreeSet::new();
+    let mut full = false;
+    let mut last_generation = 0;
+    while let Some(resp) = inbound.message().await? {
+        let DiscoveryResponse {
+            type_url,
+            version_info,
+            nonce,
+            resources,
+            ..
+        } = resp;
+        let t: &'static str = match type_url.as_str() {
+            CDS => CDS,
+            EDS => EDS,
+            LDS => LDS,
+            RDS => RDS,
+            other => bail!("unexpected type {other}"),
+        };
+        let mut follow: Option<(&'static str, BTreeSet<String>)> = None;
+        match t {
+            CDS => {
+                let eds: BTreeSet<String> = resources
+                    .iter()
+                    .filter_map(|a| Cluster::decode(a.value.as_slice()).ok())
+                    .filter(|c| c.eds_cluster_config.is_some())
+                    .map(|c| c.name)
+                    .collect();
+                follow = Some((EDS, eds));
+            }
+            LDS => {
+                let mut rds = BTreeSet::new();
+                for l in resources
+                    .iter()
+                    .filter_map(|a| Listener::decode(a.value.as_slice()).ok())
+                {
+                    for f in l.filter_chains.iter().flat_map(|c| c.filters.iter()) {
+                        if let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type {
+                            if let Ok(h) = HttpConnectionManager::decode(any.value.as_slice()) {
+                                if let Some(RouteSpecifier::Rds(r)) = h.route_specifier {
+                                    rds.insert(r.route_config_name);
+                                }
+                            }
+                        }
+                    }
+                }
+                follow = Some((RDS, rds));
+            }
+            EDS => {
+                for a in &resources {
+                    let Ok(cla) = ClusterLoadAssignment::decode(a.value.as_slice()) else {
+                        continue;
+                    };
+                    if cla.cluster_name != WATCHED {
+                        continue;
+                    }
+                    let generation = cla
+                        .endpoints
+                        .iter()
+                        .flat_map(|l| l.lb_endpoints.iter())
+                        .filter_map(|e| match &e.host_identifier {
+                            Some(lb_endpoint::HostIdentifier::Endpoint(ep)) => ep.address.clone(),
+                            _ => None,
+                        })
+                        .filter_map(|a| match a.address {
+                            Some(address::Address::SocketAddress(s)) => Some(s.address),
+                            _ => None,
+                        })
+                        .find_map(|ip| {
+                            ip.strip_prefix("10.200.")
+                                .and_then(|r| r.split('.').next())
+                                .and_then(|g| g.parse::<usize>().ok())
+                        });
+                    if let Some(g) = generation {
+                        if g != last_generation {
+                            last_generation = g;
+                            // Reported as the ACK is sent.
+                            events.send(Event::Generation(g, Instant::now()))?;
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        let current = names.get(t).cloned().unwrap_or_default();
+        tx.send(request(t, &current, &version_info, &nonce))?;
+        if let Some((ft, wanted)) = follow {
+            if names.get(ft) != Some(&wanted) {
+                let version = String::new();
+                tx.send(request(ft, &wanted, &version, ""))?;
+                names.insert(ft, wanted);
+            }
+        }
+        seen.insert(t);
+        if !full && seen.len() == 4 {
+            full = true;
+            events.send(Event::FirstFull(started.elapsed()))?;
+        }
+    }
+    Err(anyhow!("stream closed"))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let dir = std::env::temp_dir().join(format!("legate-pilot-scale-{}", std::process::id()));
+    let manifests = dir.join("manifests");
+    std::fs::create_dir_all(&manifests)?;
+    let result = run(&args, &dir, &manifests).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn run(args: &Args, dir: &Path, manifests: &Path) -> Result<()> {
+    for i in 0..args.services {
+        write(
+            &manifests.join(format!("svc-{i}.yaml")),
+            &(service(i) + &slice(i, args.endpoints, 0)),
+        )?;
+    }
+    let pilot = start_pilot(args, dir).await?;
+    let pid = pilot.child.id();
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let launched = Instant::now();
+    for i in 0..args.clients {
+        tokio::spawn(client(i, pilot.xds.clone(), events_tx.clone()));
+    }
+    let mut first: Vec<Duration> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    while first.len() < args.clients {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(Event::FirstFull(d))) => first.push(d),
+            Ok(Some(Event::Failed(i, e))) => bail!("client {i}: {e}"),
+            Ok(Some(Event::Generation(..))) => {}
+            Ok(None) | Err(_) => bail!(
+                "only {} of {} clients got a full push within 300 s",
+                first.len(),
+                args.clients
+            ),
+        }
+    }
+    let all_full = launched.elapsed();
+    first.sort();
+    let rss_after_push = rss_kb(pid);
+
+    let mut change_p50 = Vec::new();
+    let mut change_p99 = Vec::new();
+    let mut change_max = Vec::new();
+    for g in 1..=args.changes {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let edited = Instant::now();
+        write(
+            &manifests.join("svc-0.yaml"),
+            &(service(0) + &slice(0, args.endpoints, g)),
+        )?;
+        let mut acked: Vec<Duration> = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while acked.len() < args.clients {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(Some(Event::Generation(gen, at))) if gen == g => {
+                    acked.push(at.saturating_duration_since(edited))
+                }
+                Ok(Some(Event::Failed(i, e))) => bail!("client {i}: {e}"),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => bail!(
+                    "change {g}: only {} of {} clients ACKed within 60 s",
+                    acked.len(),
+                    args.clients
+                ),
+            }
+        }
+        acked.sort();
+        change_p50.push(percentile(&acked, 0.5));
+        change_p99.push(percentile(&acked, 0.99));
+        change_max.push(acked.last().copied().unwrap_or_default());
+    }
+    let rss_end = rss_kb(pid);
+    change_p99.sort();
+    change_p50.sort();
+    change_max.sort();
+
+    println!(
+        "legate-pilot scale: {} services × {} endpoints, {} simulated sidecars (SotW ADS), debounce {} ms",
+        args.services, args.endpoints, args.clients, args.debounce_ms
+    );
+    println!(
+        "  first full push per client: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; all {} clients served after {:.0} ms",
+        ms(percentile(&first, 0.5)),
+        ms(percentile(&first, 0.99)),
+        ms(first.last().copied().unwrap_or_default()),
+        args.clients,
+        ms(all_full)
+    );
+    println!(
+        "  endpoint change → every client's ACK ({} changes; medians over changes): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (worst change p99 {:.0} ms)",
+        args.changes,
+        ms(percentile(&change_p50, 0.5)),
+        ms(percentile(&change_p99, 0.5)),
+        ms(percentile(&change_max, 0.5)),
+        ms(change_p99.last().copied().unwrap_or_default())
+    );
+    println!(
+        "  control plane RSS: {:.1} MB after the first push, {:.1} MB at the end",
+        rss_after_push as f64 / 1024.0,
+        rss_end as f64 / 1024.0
+    );
+    println!("  (the file source polls the directory every 200 ms, and changes are debounced; both are in the change latency)");
+    if let Some(path) = &args.json {
+        let doc = serde_json::json!({
+            "services": args.services, "endpoints": args.endpoints, "clients": args.clients,
+            "changes": args.changes, "debounce_ms": args.debounce_ms,
+            "first_full_push_ms": first.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
+            "all_clients_served_ms": ms(all_full),
+            "change_p50_ms": change_p50.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
+            "change_p99_ms": change_p99.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
+            "change_max_ms": change_max.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
+            "pilot_rss_kb_after_push": rss_after_push, "pilot_rss_kb_end": rss_end,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;
+    }
+    drop(pilot);
+    Ok(())
+}
