@@ -1,6 +1,7 @@
 //! `legate-pilot`: a small, Istio-like control plane.
 //!
-//! It watches the mesh's services (a directory of Kubernetes manifests, [`source`]), keeps
+//! It watches the mesh's services (a directory of Kubernetes manifests, [`source`], or the
+//! Kubernetes API, [`kube`]), keeps
 //! them in one immutable [`model`], translates that model per proxy group into Envoy v3
 //! resources ([`translate`]), publishes consistent [`snapshot`]s through the [`cache`], and
 //! serves them over ADS ([`xds`]) to Envoy and Legate. [`admin`] exposes readiness, metrics
@@ -12,6 +13,7 @@ pub mod debounce;
 pub mod gateway;
 pub mod identity;
 pub mod inbound;
+pub mod kube;
 pub mod metrics;
 pub mod model;
 pub mod registry;

@@ -1,4 +1,5 @@
-//! `legate-pilot`: serves the services of a directory of Kubernetes manifests over ADS.
+//! `legate-pilot`: serves the services of a directory of Kubernetes manifests, or of a
+//! Kubernetes cluster, over ADS.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,7 +12,9 @@ use clap::Parser;
 use legate_control_plane::admin::{self, AdminState};
 use legate_control_plane::cache::SnapshotCache;
 use legate_control_plane::debounce;
+use legate_control_plane::kube as kube_source;
 use legate_control_plane::metrics::Metrics;
+use legate_control_plane::model::Model;
 use legate_control_plane::registry::ProxyRegistry;
 use legate_control_plane::source::FileSource;
 use legate_control_plane::translate::TranslateOptions;
@@ -25,10 +28,15 @@ use tokio_stream::wrappers::TcpListenerStream;
 #[derive(Debug, Parser)]
 #[command(name = "legate-pilot", version)]
 struct Args {
-    /// A directory of Kubernetes manifests (Service, EndpointSlice, Namespace), watched for
-    /// changes.
+    /// A directory of Kubernetes manifests (Service, EndpointSlice, Namespace, Ingress, ...),
+    /// watched for changes.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    config_dir: Option<PathBuf>,
+    /// Watch the Kubernetes API server of this kubeconfig file (its current context). Without
+    /// this or --config-dir, the in-cluster configuration is used (KUBERNETES_SERVICE_HOST and
+    /// the pod's service account).
     #[arg(long)]
-    config_dir: PathBuf,
+    kubeconfig: Option<PathBuf>,
     /// Where ADS (plaintext gRPC) listens.
     #[arg(long, default_value = "0.0.0.0:15010")]
     xds_address: SocketAddr,
@@ -55,6 +63,31 @@ fn write_address(path: &Path, addr: SocketAddr) -> Result<()> {
     std::fs::write(&tmp, format!("{addr}\n"))
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
+/// Where the model comes from.
+enum Source {
+    Dir(PathBuf),
+    Kube(kube::Client),
+}
+
+async fn source_kind(args: &Args) -> Result<Source> {
+    if let Some(dir) = &args.config_dir {
+        return Ok(Source::Dir(dir.clone()));
+    }
+    if let Some(path) = &args.kubeconfig {
+        let client = kube_source::client_from_kubeconfig(path)
+            .await
+            .context("--kubeconfig")?;
+        return Ok(Source::Kube(client));
+    }
+    if kube_source::in_cluster() {
+        return Ok(Source::Kube(kube_source::client_in_cluster()?));
+    }
+    anyhow::bail!(
+        "no source: pass --config-dir DIR or --kubeconfig FILE (or run in a pod, where the \
+         in-cluster configuration is used)"
+    )
 }
 
 async fn shutdown_signal() {
@@ -93,22 +126,6 @@ async fn main() -> Result<()> {
     let registry = Arc::new(ProxyRegistry::default());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
-    let mut source = FileSource::new(&args.config_dir);
-    source
-        .scan(&metrics)
-        .with_context(|| format!("--config-dir {}", args.config_dir.display()))?;
-    let model = Arc::new(source.model());
-    tracing::info!(
-        services = model.services.len(),
-        endpoint_slices = model.endpoint_slices.len(),
-        "initial model loaded"
-    );
-    let (models_tx, models_rx) = watch::channel(model.clone());
-    let options = TranslateOptions {
-        domain_suffix: args.domain_suffix.clone(),
-    };
-    let cache = Arc::new(SnapshotCache::new(model, options, metrics.clone()));
-
     let admin_listener = TcpListener::bind(args.admin_address)
         .await
         .with_context(|| format!("binding the admin address {}", args.admin_address))?;
@@ -117,7 +134,8 @@ async fn main() -> Result<()> {
         .await
         .with_context(|| format!("binding the xDS address {}", args.xds_address))?;
     let xds_addr = xds_listener.local_addr()?;
-
+    // The admin endpoint answers (not ready) while the first model loads, which may take a
+    // while against a large cluster.
     let admin_state = Arc::new(AdminState {
         ready: AtomicBool::new(false),
         metrics: metrics.clone(),
@@ -128,7 +146,47 @@ async fn main() -> Result<()> {
         admin_state.clone(),
         shutdown_rx.clone(),
     ));
-    tokio::spawn(source.run(models_tx, metrics.clone(), shutdown_rx.clone()));
+    if let Some(path) = &args.admin_address_path {
+        write_address(path, admin_addr)?;
+    }
+
+    let (models_tx, mut models_rx) = watch::channel(Arc::new(Model::default()));
+    let model = match source_kind(&args).await? {
+        Source::Dir(dir) => {
+            let mut source = FileSource::new(&dir);
+            source
+                .scan(&metrics)
+                .with_context(|| format!("--config-dir {}", dir.display()))?;
+            let model = Arc::new(source.model());
+            models_tx.send_replace(model.clone());
+            models_rx.borrow_and_update();
+            tokio::spawn(source.run(models_tx, metrics.clone(), shutdown_rx.clone()));
+            model
+        }
+        Source::Kube(client) => {
+            tokio::spawn(kube_source::run(
+                client,
+                models_tx,
+                metrics.clone(),
+                shutdown_rx.clone(),
+            ));
+            tracing::info!("listing the cluster's objects");
+            tokio::select! {
+                changed = models_rx.changed() => changed.context("the Kubernetes source stopped")?,
+                _ = shutdown_signal() => return Ok(()),
+            }
+            models_rx.borrow_and_update().clone()
+        }
+    };
+    tracing::info!(
+        services = model.services.len(),
+        endpoint_slices = model.endpoint_slices.len(),
+        "initial model loaded"
+    );
+    let options = TranslateOptions {
+        domain_suffix: args.domain_suffix.clone(),
+    };
+    let cache = Arc::new(SnapshotCache::new(model, options, metrics.clone()));
     tokio::spawn(debounce::run(
         models_rx,
         cache.clone(),
@@ -145,9 +203,6 @@ async fn main() -> Result<()> {
             let _ = shutdown_tx.send(true);
         });
 
-    if let Some(path) = &args.admin_address_path {
-        write_address(path, admin_addr)?;
-    }
     if let Some(path) = &args.xds_address_path {
         write_address(path, xds_addr)?;
     }
