@@ -421,6 +421,30 @@ endpoints:
     }
 
     #[test]
+    fn only_an_http_410_on_watch_start_restarts_the_watcher() {
+        let status = |code| {
+            Box::new(::kube::core::Status {
+                code,
+                ..Default::default()
+            })
+        };
+        let api = |code| ::kube::Error::Api(status(code));
+        assert!(gone_on_watch_start(&watcher::Error::WatchStartFailed(api(
+            410
+        ))));
+        assert!(!gone_on_watch_start(&watcher::Error::WatchStartFailed(
+            api(500)
+        )));
+        // A 410 ERROR event is handled by the watcher itself (it re-lists).
+        assert!(!gone_on_watch_start(&watcher::Error::WatchError(status(
+            410
+        ))));
+        assert!(!gone_on_watch_start(&watcher::Error::InitialListFailed(
+            api(410)
+        )));
+    }
+
+    #[test]
     fn an_object_that_does_not_convert_is_reported() -> TestResult {
         let metrics = Metrics::default();
         assert!(converted("Service", &service("bad", 0)?, &metrics).is_none());

@@ -5,12 +5,14 @@
 //! learns the ports they bound, [`client`] sends requests over h1/h2c/TLS, [`raw`] speaks bytes
 //! for the cases a well-behaved client cannot produce, and [`scenario`] runs the differential
 //! corpus under `tests/scenarios/` against both proxies and compares what a user would see.
-//! [`xds`] is a scriptable ADS server that records what an xDS client asks for and ACKs.
+//! [`xds`] is a scriptable ADS server that records what an xDS client asks for and ACKs;
+//! [`kube_api`] is a fake Kubernetes API server (list and watch) for `legate-pilot`'s source.
 
 pub mod bins;
 pub mod certs;
 pub mod client;
 pub mod grpc;
+pub mod kube_api;
 pub mod process;
 pub mod proxy;
 pub mod raw;

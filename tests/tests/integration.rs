@@ -4,6 +4,7 @@
 mod demo;
 mod ext_authz;
 mod harness;
+mod kube;
 mod lifecycle;
 mod malformed;
 mod malformed_h2;
