@@ -14,7 +14,8 @@
 //! cleanly (the server's `timeoutSeconds`), [`FakeApiServer::drop_watches`] cuts them
 //! mid-stream, and [`FakeApiServer::expire`] compacts the history so that a watch from an older
 //! version is answered `410 Gone`, either as an `ERROR` event on the open watch or as HTTP 410
-//! on the next watch request. Every request is recorded for the test to assert on.
+//! on the next watch request, and [`FakeApiServer::forbid`] answers a kind with 403 (missing
+//! RBAC). Every request is recorded for the test to assert on.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -126,6 +127,8 @@ struct Collection {
     compacted: u64,
     gone_http: bool,
     paused: bool,
+    /// Answer 403 Forbidden to list and watch.
+    forbidden: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -405,6 +408,17 @@ impl FakeApiServer {
         Ok(())
     }
 
+    /// Answers (or stops answering) list and watch of `kind` with 403 Forbidden, as a server
+    /// does when RBAC does not grant them.
+    pub fn forbid(&self, kind: &str, forbidden: bool) -> Result<()> {
+        let info = kind_info(kind)?;
+        let mut state = self.shared.lock();
+        if let Some(c) = state.collections.get_mut(info.path) {
+            c.forbidden = forbidden;
+        }
+        Ok(())
+    }
+
     /// The current (cluster-wide) resourceVersion.
     pub fn resource_version(&self) -> u64 {
         self.shared.lock().rv
@@ -493,6 +507,15 @@ fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let Some(collection) = state.collections.get(info.path) else {
         return full(StatusCode::INTERNAL_SERVER_ERROR, json!({}));
     };
+    if collection.forbidden {
+        let plural = info.path.rsplit('/').next().unwrap_or("");
+        return full(
+            StatusCode::FORBIDDEN,
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                   "message": format!("{plural} is forbidden: User \"system:serviceaccount:legate-system:legate-pilot\" cannot list resource \"{plural}\""),
+                   "reason": "Forbidden", "code": 403}),
+        );
+    }
     if !watch {
         let items: Vec<Value> = collection
             .objects

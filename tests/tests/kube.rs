@@ -306,12 +306,17 @@ async fn kube_source_follows_list_watch_bookmarks_gone_and_drops() -> Result<()>
 /// A running `legate-pilot --kubeconfig`; killed when dropped.
 struct Pilot {
     guard: ProcessGuard,
-    xds: SocketAddr,
     admin: SocketAddr,
+    xds_file: std::path::PathBuf,
+}
+
+fn read_addr(path: &Path) -> Option<SocketAddr> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 impl Pilot {
-    async fn start(dir: &Path, kubeconfig: &Path) -> Result<Self> {
+    /// Starts the pilot and waits for its admin address (written before the first model).
+    async fn spawn(dir: &Path, kubeconfig: &Path) -> Result<Self> {
         let xds_file = dir.join("pilot.xds");
         let admin_file = dir.join("pilot.admin");
         let args: Vec<String> = [
@@ -332,30 +337,63 @@ impl Pilot {
         .map(|s| s.to_string())
         .collect();
         let mut guard = ProcessGuard::spawn("legate-pilot", &pilot_bin()?, &args, dir)?;
-        let read_addr = |path: &Path| -> Option<SocketAddr> {
-            std::fs::read_to_string(path).ok()?.trim().parse().ok()
-        };
         let deadline = Instant::now() + DEADLINE;
-        let (xds, admin) = loop {
+        let admin = loop {
             if let Some(status) = guard.exited() {
                 bail!("legate-pilot exited with {status}\n{}", guard.output());
             }
-            if let (Some(x), Some(a)) = (read_addr(&xds_file), read_addr(&admin_file)) {
-                break (x, a);
+            if let Some(a) = read_addr(&admin_file) {
+                break a;
             }
             if Instant::now() > deadline {
-                bail!("legate-pilot wrote no addresses\n{}", guard.output());
+                bail!("legate-pilot wrote no admin address\n{}", guard.output());
             }
             tokio::time::sleep(POLL).await;
         };
-        let pilot = Self { guard, xds, admin };
+        Ok(Self {
+            guard,
+            admin,
+            xds_file,
+        })
+    }
+
+    /// Waits for `/ready`; returns the xDS address.
+    async fn ready(&self) -> Result<SocketAddr> {
         eventually("pilot /ready", || async {
-            Ok((admin_get(pilot.admin, "/ready").await?.0 == 200).then_some(()))
+            Ok((admin_get(self.admin, "/ready").await?.0 == 200).then_some(()))
         })
         .await
-        .with_context(|| pilot.guard.output())?;
-        Ok(pilot)
+        .with_context(|| self.guard.output())?;
+        read_addr(&self.xds_file).ok_or_else(|| anyhow!("ready, but no xDS address written"))
     }
+}
+
+/// The pilot is not ready, and serves no xDS, until every kind has been listed: here the
+/// API server refuses Secrets (as a cluster without the RBAC rule would) until it allows them;
+/// the pilot retries with backoff meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pilot_is_ready_only_once_every_kind_is_listed() -> Result<()> {
+    let dir = TempDir::new("pilot-kube-ready")?;
+    let api = FakeApiServer::start().await?;
+    api.apply(service("echo", "10.96.0.10"))?;
+    api.forbid("Secret", true)?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig, TOKEN)?;
+    let pilot = Pilot::spawn(dir.path(), &kubeconfig).await?;
+
+    eventually("Secrets listed twice (a retry)", || async {
+        Ok((api.lists("Secret")? >= 2).then_some(()))
+    })
+    .await
+    .with_context(|| pilot.guard.output())?;
+    assert_eq!(api.lists("Service")?, 1);
+    let (status, _) = admin_get(pilot.admin, "/ready").await?;
+    assert_eq!(status, 503, "not ready with Secrets unlisted");
+    assert!(read_addr(&pilot.xds_file).is_none(), "no xDS address yet");
+
+    api.forbid("Secret", false)?;
+    pilot.ready().await?;
+    Ok(())
 }
 
 fn bootstrap(xds: SocketAddr) -> String {
@@ -428,9 +466,10 @@ async fn envoy_follows_the_pilot_kube_source() -> Result<()> {
     let kubeconfig = dir.path().join("kubeconfig");
     api.write_kubeconfig(&kubeconfig, TOKEN)?;
 
-    let pilot = Pilot::start(dir.path(), &kubeconfig).await?;
+    let pilot = Pilot::spawn(dir.path(), &kubeconfig).await?;
+    let xds = pilot.ready().await?;
     let bootstrap_path = dir.path().join("sidecar.yaml");
-    std::fs::write(&bootstrap_path, bootstrap(pilot.xds))?;
+    std::fs::write(&bootstrap_path, bootstrap(xds))?;
     let envoy = Proxy::start(ProxyKind::Envoy, &bootstrap_path, dir.path())
         .await
         .with_context(|| pilot.guard.output())?;
