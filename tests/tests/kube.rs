@@ -161,11 +161,15 @@ async fn kube_source_follows_list_watch_bookmarks_gone_and_drops() -> Result<()>
     api.apply(namespace("default"))?;
     api.apply(service("echo", "10.96.0.10"))?;
     api.apply(slice("echo", &["10.0.0.1"], 8080))?;
-    // A kind the model does not read yet is listed and watched all the same.
+    // Pods and Secrets reach the model through the same parser as the file source's.
     api.apply(json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "echo-0", "namespace": "default", "labels": {"app": "echo"}},
         "spec": {"containers": [{"name": "echo", "image": "echo"}]},
-        "status": {"podIP": "10.0.0.1"}}))?;
+        "status": {"podIP": "10.0.0.1", "phase": "Running",
+                   "conditions": [{"type": "Ready", "status": "True"}]}}))?;
+    api.apply(json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "opaque", "namespace": "default"},
+        "type": "Opaque", "data": {"greeting": "aGVsbG8="}}))?;
     let mut source = Source::start(&api).await?;
 
     // The first model is the complete list: never a half-listed cluster.
@@ -176,6 +180,18 @@ async fn kube_source_follows_list_watch_bookmarks_gone_and_drops() -> Result<()>
     assert_eq!(services(&first), ["echo"]);
     assert_eq!(addresses(&first, "echo"), ["10.0.0.1"]);
     assert!(first.namespaces.contains("default"));
+    let pod = first
+        .pod_by_ip("10.0.0.1".parse()?)
+        .ok_or_else(|| anyhow!("no pod echo-0 in the model"))?;
+    assert_eq!((pod.name.as_str(), pod.ready), ("echo-0", true));
+    assert_eq!(pod.labels.get("app").map(String::as_str), Some("echo"));
+    let secret = first
+        .secret("default", "opaque")
+        .ok_or_else(|| anyhow!("no secret in the model"))?;
+    assert_eq!(
+        secret.data.get("greeting").map(Vec::as_slice),
+        Some(&b"hello"[..])
+    );
     for kind in [
         "Namespace",
         "Service",
