@@ -232,8 +232,8 @@ async fn watch_kind<K>(
                 return;
             }
         }
-        tokio::time::sleep(RELIST_DELAY).await;
         tracing::info!(kind, "resource version gone; listing again");
+        tokio::time::sleep(RELIST_DELAY).await;
     }
 }
 
