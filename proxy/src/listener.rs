@@ -414,10 +414,12 @@ where
         draining_flag.store(true, std::sync::atomic::Ordering::Relaxed);
         let now = tokio::time::Instant::now();
         let h2 = saw_h2.load(std::sync::atomic::Ordering::Relaxed) || codec == Codec::Http2;
+        // The idle close comes well before the hard one, so a request the client sends just
+        // before the idle close still has time to finish.
         let soft = if h2 || drain.is_global() {
             now
         } else {
-            now + hcm.drain_timeout.min(drain_time)
+            now + hcm.drain_timeout.min(drain_time / 2)
         };
         (now + drain_time, soft)
     };

@@ -138,12 +138,18 @@ impl World {
     /// replaced listener drains for 1 s (not the default 10 minutes), after which what only it
     /// referenced (its route configuration) is released.
     async fn start_proxy(&self) -> Result<Proxy> {
+        self.start_proxy_draining(1).await
+    }
+
+    /// Starts the proxy with `--drain-time-s drain_s`.
+    async fn start_proxy_draining(&self, drain_s: u32) -> Result<Proxy> {
         let bootstrap = AdsBootstrap::new(self.server.addr(), self.proto).write(self.dir.path())?;
+        let drain = drain_s.to_string();
         Proxy::start_dynamic(
             self.kind,
             &bootstrap,
             self.dir.path(),
-            &["--drain-time-s", "1"],
+            &["--drain-time-s", &drain],
         )
         .await
     }

@@ -235,7 +235,13 @@ async fn changes_under_load(kind: ProxyKind, proto: XdsProtocol) -> Result<()> {
     s.set_typed("0", &[load_assignment("ce", &[a])])?;
     s.set_typed("0", &[listener(0)])?;
     s.set_typed("0", &[routes(0)])?;
-    let (_proxy, l1) = w.proxy_with("l1").await?;
+    // Replaced listeners drain for 10 s (Envoy's default is 600 s): a request in flight on
+    // an old connection finishes even when the machine is slow.
+    let proxy = w.start_proxy_draining(10).await?;
+    let l1 = proxy
+        .wait_listener("l1", DEADLINE)
+        .await
+        .with_context(|| s.describe_log())?;
     wait_upstream(l1, "/s", "a").await?;
     wait_upstream(l1, "/e", "a").await?;
 
