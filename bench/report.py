@@ -243,7 +243,7 @@ def render(doc, scenarios):
     return "\n".join(lines) + "\n"
 
 
-def readme_section(doc, scenarios):
+def readme_section(doc, scenarios, report_path="bench/results/latest.md"):
     """The compact table copied into README.md between the markers."""
     s, m = doc["median"], doc["machine"]
     order = [k for k in ("legate", "envoy", "nginx") if k in doc["order"]]
@@ -251,10 +251,10 @@ def readme_section(doc, scenarios):
              f"Latest `bench/run.sh` run: {doc['date']}, {m['nproc']} CPUs ({m['cpu_model']}), "
              f"load average {' '.join(m['loadavg_before'])}; {doc['params']['rounds']} round(s) of "
              f"{doc['params']['seconds']} s, medians. Full table and charts: "
-             "[`bench/results/latest.md`](bench/results/latest.md).", ""]
+             f"[`{report_path}`]({report_path}).", ""]
     if doc.get("quick"):
         lines += ["**Quick, noisy run**: not a measurement to quote.", ""]
-    lines += ["| CPU µs/request | " + " | ".join(order) + " | Legate/Envoy | Legate/nginx |",
+    lines += ["| CPU µs/request | " + " | ".join(NAMES[k] for k in order) + " | Legate/Envoy | Legate/nginx |",
               "|---|" + "---:|" * (len(order) + 2)]
     for sc in scenarios:
         v = {k: (s.get(f"{k}/{sc}") or {}).get("cpu_us_per_req") for k in order}
@@ -294,8 +294,9 @@ def write_all(doc, out, scenarios, readme=None):
     with open(os.path.join(out, "latest.md"), "w") as f:
         f.write(text)
     print(text)
-    if readme and update_readme(readme, readme_section(doc, scenarios)):
-        print(f"(README.md performance section updated from this run)", file=sys.stderr)
+    rel = os.path.relpath(os.path.join(out, "latest.md"), os.path.dirname(readme)) if readme else None
+    if readme and update_readme(readme, readme_section(doc, scenarios, rel)):
+        print("(README.md performance section updated from this run)", file=sys.stderr)
     print(f"(took {doc['elapsed_s']} s; written to {out}/latest.md, latest.json and the charts)", file=sys.stderr)
 
 

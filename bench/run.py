@@ -222,10 +222,12 @@ def parse_args():
     ap.add_argument("--readme", dest="readme", action="store_true", default=None,
                     help="copy the table into README.md's performance section (default: full runs only)")
     ap.add_argument("--no-readme", dest="readme", action="store_false")
-    ap.add_argument("--out", default=os.path.join(HERE, "results"), help="where latest.* and the charts go")
+    ap.add_argument("--out", help="where latest.* and the charts go (default bench/results, "
+                                   "--quick: bench/results/quick, not committed)")
     args = ap.parse_args()
     args.rounds = args.rounds or (1 if args.quick else 5)
     args.seconds = args.seconds or (2 if args.quick else 10)
+    args.out = args.out or os.path.join(HERE, "results", "quick" if args.quick else "")
     if args.readme is None:
         args.readme = not args.quick
     args.load_bin = os.environ.get("LEGATE_LOAD_BIN")

@@ -5,7 +5,7 @@
 # then runs bench/run.py, which prints the report and writes bench/results/latest.{md,json} and
 # the PNG charts (a full run also refreshes README.md's performance section).
 #
-#   bench/run.sh            5 interleaved rounds of 10 s per load (about 15 minutes)
+#   bench/run.sh            5 interleaved rounds of 10 s per load (about 25 minutes)
 #   bench/run.sh --quick    1 round of 2 s per load (under 2 minutes once built)
 #   bench/run.sh --only legate --only nginx, --rounds N, --seconds S, --no-pin: see bench/README.md
 #
