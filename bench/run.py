@@ -76,6 +76,8 @@ def scenario(name, port_of, args, cpus, tmp, seconds=None):
         return loads.run_wrk(port_of["h1"], s, args.h1_connections, cpus)
     if name == "https1":
         return loads.run_wrk(port_of["tls"], s, args.h1_connections, cpus, tls=True)
+    if name == "rate":
+        return loads.run_rate(args.load_bin, port_of["h1"], args.rate, s, args.rate_connections, cpus)
     if name == "http2":
         return loads.run_h2load(port_of["h2"], s, args.h2_connections, args.h2_streams, cpus, tmp)
     mode = name.split("_", 1)[1]
@@ -86,10 +88,8 @@ def scenario(name, port_of, args, cpus, tmp, seconds=None):
 def direct_round(up, args, cpus, tmp):
     """The baseline: the loads straight at the upstreams (no proxy)."""
     ports = {"h1": up["http"], "grpc": up["grpc"]}
-    out = {name: scenario(name, ports, args, cpus, tmp)
-           for name in ("http1", "grpc_unary", "grpc_bidi", "grpc_server")}
-    out["rate"] = loads.run_rate(args.load_bin, up["http"], args.rate, args.seconds, args.rate_connections, cpus)
-    return out
+    return {name: scenario(name, ports, args, cpus, tmp)
+            for name in ("http1", "grpc_unary", "grpc_bidi", "grpc_server", "rate")}
 
 
 def measure_memory(kind, binary, tmp, up, args, proxy_cpus, load_cpus):
@@ -118,6 +118,26 @@ def measure_memory(kind, binary, tmp, up, args, proxy_cpus, load_cpus):
         procs.stop(p.proc)
 
 
+def accounted(p, name, proxy_cpus, run_load):
+    """Runs one load with the proxy's CPU accounting: CPU per request, CPU %, others' share."""
+    s0 = procs.cpu_stat(proxy_cpus) if proxy_cpus else None
+    c0, t0 = procs.cpu_seconds(p.pid), time.monotonic()
+    r = run_load()
+    c1, t1 = procs.cpu_seconds(p.pid), time.monotonic()
+    if s0:
+        # Share of the proxy's own CPU taken by other processes (a compile...) meanwhile.
+        s1 = procs.cpu_stat(proxy_cpus)
+        others = (s1[1] - s0[1]) - (s1[2] - s0[2]) - (c1 - c0) * procs.TICK
+        r["others_on_proxy_cpu_pct"] = max(0.0, 100 * others / max(s1[0] - s0[0], 1))
+    if p.proc.poll() is not None:
+        raise RuntimeError(f"{p.kind} exited during the {name} load")
+    r["cpu_s"] = c1 - c0
+    r["cpu_us_per_req"] = (c1 - c0) * 1e6 / r["requests"] if r["requests"] else None
+    r["cpu_pct"] = 100 * (c1 - c0) / (t1 - t0)
+    r["rss_after_mb"] = procs.rss_mb(p.pid)
+    return r
+
+
 def measure(kind, binary, tmp, up, args, proxy_cpus, load_cpus):
     p = proxies.start_proxy(kind, binary, tmp, up, proxy_cpus)
     try:
@@ -127,27 +147,8 @@ def measure(kind, binary, tmp, up, args, proxy_cpus, load_cpus):
         # Warm-up (not measured): upstream connections, allocator arenas, caches.
         loads.run_wrk(p.ports["h1"], 1, args.h1_connections, load_cpus)
         out = {"rss_idle_mb": idle}
-        for name in CPU_SCENARIOS:
-            s0 = procs.cpu_stat(proxy_cpus) if proxy_cpus else None
-            c0, t0 = procs.cpu_seconds(p.pid), time.monotonic()
-            r = scenario(name, p.ports, args, load_cpus, tmp)
-            c1, t1 = procs.cpu_seconds(p.pid), time.monotonic()
-            if s0:
-                # Share of the proxy's own CPU taken by other processes (a compile...) meanwhile.
-                s1 = procs.cpu_stat(proxy_cpus)
-                others = (s1[1] - s0[1]) - (s1[2] - s0[2]) - (c1 - c0) * procs.TICK
-                r["others_on_proxy_cpu_pct"] = max(0.0, 100 * others / max(s1[0] - s0[0], 1))
-            if p.proc.poll() is not None:
-                raise RuntimeError(f"{kind} exited during the {name} load")
-            r["cpu_s"] = c1 - c0
-            r["cpu_us_per_req"] = (c1 - c0) * 1e6 / r["requests"] if r["requests"] else None
-            r["cpu_pct"] = 100 * (c1 - c0) / (t1 - t0)
-            r["rss_after_mb"] = procs.rss_mb(p.pid)
-            out[name] = r
-        c0 = procs.cpu_seconds(p.pid)
-        r = loads.run_rate(args.load_bin, p.ports["h1"], args.rate, args.seconds, args.rate_connections, load_cpus)
-        r["cpu_us_per_req"] = (procs.cpu_seconds(p.pid) - c0) * 1e6 / r["requests"] if r["requests"] else None
-        out["rate"] = r
+        for name in (*CPU_SCENARIOS, "rate"):
+            out[name] = accounted(p, name, proxy_cpus, lambda n=name: scenario(n, p.ports, args, load_cpus, tmp))
         return out
     except Exception:
         sys.stderr.write(f"--- {kind} stderr (tail) ---\n{p.stderr_tail()}\n")
