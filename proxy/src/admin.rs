@@ -17,12 +17,24 @@ use crate::server::Runtime;
 use crate::stats::{render_prometheus, render_text, Stat};
 
 /// Binds the admin server and serves it in the background.
+/// During a hot restart the child takes over the parent's admin socket, and the parent
+/// stops accepting on it once the child serves.
 pub async fn start(addr: SocketAddr, runtime: Arc<Runtime>) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    use crate::hot_restart::ADMIN_SOCKET;
+    let listener = match runtime.hot_restart.inherit(ADMIN_SOCKET, addr) {
+        Some(s) => tokio::net::TcpListener::from_std(s)?,
+        None => tokio::net::TcpListener::bind(addr).await?,
+    };
+    runtime.hot_restart.register(ADMIN_SOCKET, addr, &listener);
     let local = listener.local_addr()?;
+    let mut handed_over = runtime.hot_restart.handed_over_signal();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = handed_over.changed() => return,
+            };
+            let Ok((stream, _)) = accepted else {
                 continue;
             };
             let rt = runtime.clone();
@@ -61,7 +73,9 @@ fn as_json(v: &serde_json::Value) -> Response<Full<Bytes>> {
     r
 }
 
-fn collect_stats(rt: &Runtime) -> Vec<(String, Stat)> {
+/// Every stat, merged by name, with the counters inherited from previous generations
+/// (hot restart) added in.
+pub(crate) fn collect_stats(rt: &Runtime) -> Vec<(String, Stat)> {
     let snap = rt.snapshot.load();
     let mut out = Vec::new();
     let mut seen = Vec::new();
@@ -94,6 +108,9 @@ fn collect_stats(rt: &Runtime) -> Vec<(String, Stat)> {
         "server.concurrency".into(),
         Stat::Gauge(rt.concurrency as i64),
     ));
+    for (name, value) in rt.hot_restart.inherited_counters() {
+        out.push((name, Stat::Counter(value)));
+    }
     // Several HCMs may share a stat prefix: sum them, as Envoy's shared stat names do.
     out.sort_by(|a, b| a.0.cmp(&b.0));
     let mut merged: Vec<(String, Stat)> = Vec::with_capacity(out.len());
@@ -124,11 +141,18 @@ fn handle(rt: &Arc<Runtime>, req: Request<Incoming>) -> Response<Full<Bytes>> {
         (_, "/server_info") => as_json(&json!({
             "version": format!("legate/{}", env!("CARGO_PKG_VERSION")),
             "state": if rt.is_draining() { "DRAINING" } else { "LIVE" },
-            "hot_restart_version": "disabled",
-            "command_line_options": {"concurrency": rt.concurrency, "argv": rt.command_line},
+            "hot_restart_version": if rt.hot_restart.options.enabled { "legate.1" } else { "disabled" },
+            "command_line_options": {
+                "concurrency": rt.concurrency,
+                "argv": rt.command_line,
+                "restart_epoch": rt.hot_restart.options.epoch,
+                "base_id": rt.hot_restart.options.base_id,
+                "parent_shutdown_time": format!("{}s", rt.hot_restart.options.parent_shutdown_time.as_secs()),
+                "drain_time": format!("{}s", rt.drain_time.as_secs()),
+            },
             "node": {"id": rt.node.id, "cluster": rt.node.cluster},
             "uptime_current_epoch": format!("{}s", rt.started.elapsed().as_secs()),
-            "uptime_all_epochs": format!("{}s", rt.started.elapsed().as_secs()),
+            "uptime_all_epochs": format!("{}s", (rt.hot_restart.uptime_before() + rt.started.elapsed()).as_secs()),
         })),
         (_, "/stats") if json_format => {
             let stats: Vec<_> = collect_stats(rt)
@@ -162,16 +186,24 @@ fn handle(rt: &Arc<Runtime>, req: Request<Incoming>) -> Response<Full<Bytes>> {
             rt.health.ok();
             text(StatusCode::OK, "OK\n")
         }
+        (&Method::POST, "/hot_restart") => {
+            match crate::hot_restart::supervisor::request_restart(rt) {
+                Ok(m) => text(StatusCode::OK, format!("{m}\n")),
+                Err(m) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{m}\n")),
+            }
+        }
         (&Method::POST, "/drain_listeners") => {
             rt.start_drain();
             text(StatusCode::OK, "OK\n")
         }
-        (_, "/quitquitquit" | "/drain_listeners" | "/healthcheck/fail" | "/healthcheck/ok") => {
-            text(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "This endpoint requires POST\n",
-            )
-        }
+        (
+            _,
+            "/quitquitquit" | "/drain_listeners" | "/healthcheck/fail" | "/healthcheck/ok"
+            | "/hot_restart",
+        ) => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "This endpoint requires POST\n",
+        ),
         _ => text(
             StatusCode::NOT_FOUND,
             "invalid path; see Envoy's admin documentation\n",

@@ -9,7 +9,7 @@ use clap::Parser;
 use legate_filters::FilterRegistry;
 
 use crate::config;
-use crate::server::{self, ServeOptions};
+use crate::server::ServeOptions;
 use crate::services::ProxyServices;
 
 #[derive(Debug, Parser)]
@@ -46,15 +46,21 @@ struct Args {
     /// Writes the admin address here once it is bound.
     #[arg(long = "admin-address-path")]
     admin_address_path: Option<String>,
-    /// Accepted for compatibility; hot restart is not enabled in this build.
+    /// No hot restart: no domain socket, SIGHUP and POST /hot_restart refused.
     #[arg(long = "disable-hot-restart")]
     disable_hot_restart: bool,
-    /// Accepted for compatibility with Envoy's hot restart arguments.
-    #[arg(long = "base-id")]
-    base_id: Option<u32>,
-    /// Hot restart epoch; only 0 is supported in this build.
+    /// Separates independent proxies on one host (their hot restart sockets).
+    #[arg(long = "base-id", default_value_t = 0)]
+    base_id: u32,
+    /// Hot restart epoch: 0 for the first process, N to take over from epoch N-1.
     #[arg(long = "restart-epoch", default_value_t = 0)]
     restart_epoch: u32,
+    /// How long a parent drains after a hot restart before it exits.
+    #[arg(long = "parent-shutdown-time-s", default_value_t = 900)]
+    parent_shutdown_time_s: u64,
+    /// Prefix of the hot restart domain sockets (`@` = abstract namespace).
+    #[arg(long = "socket-path", default_value = crate::hot_restart::DEFAULT_SOCKET_PATH)]
+    socket_path: String,
 }
 
 /// Merges `b` into `a` as Envoy merges `--config-yaml` over the file: objects key by key,
@@ -101,13 +107,12 @@ pub fn main_with_registry(registry: FilterRegistry) -> std::process::ExitCode {
 fn real_main(mut registry: FilterRegistry) -> anyhow::Result<std::process::ExitCode> {
     let args = Args::parse();
     init_logging(&args.log_level)?;
-    if args.restart_epoch != 0 {
+    if args.restart_epoch != 0 && args.disable_hot_restart {
         anyhow::bail!(
-            "--restart-epoch {}: hot restart is not available in this build",
+            "--restart-epoch {} with --disable-hot-restart",
             args.restart_epoch
         );
     }
-    let _ = (args.disable_hot_restart, args.base_id);
     let mut json = match &args.config_path {
         Some(p) => {
             let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {p}"))?;
@@ -175,7 +180,18 @@ fn real_main(mut registry: FilterRegistry) -> anyhow::Result<std::process::ExitC
         health: registry.server_health(),
         registry: std::sync::Arc::new(registry),
         services,
+        hot_restart: crate::hot_restart::Options {
+            epoch: args.restart_epoch,
+            base_id: args.base_id,
+            parent_shutdown_time: Duration::from_secs(args.parent_shutdown_time_s),
+            socket_path: args.socket_path.clone(),
+            enabled: !args.disable_hot_restart,
+            exe: std::env::args_os()
+                .next()
+                .map(|a| crate::hot_restart::Options::resolve_exe(&a))
+                .unwrap_or_default(),
+            args: std::env::args_os().skip(1).collect(),
+        },
     };
-    rt.block_on(server::run(bootstrap, opts))?;
-    Ok(std::process::ExitCode::SUCCESS)
+    crate::hot_restart::serve(rt, bootstrap, opts)
 }

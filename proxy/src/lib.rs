@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod config;
 pub mod filter_body;
 pub mod hcm;
+pub mod hot_restart;
 pub mod lb;
 pub mod listener;
 pub mod listener_manager;

@@ -57,9 +57,20 @@ impl ListenerManager {
                 return Ok(());
             }
         }
-        let socket = crate::listener::bind(config.address)?;
+        // During a hot restart the parent's socket for this listener is taken over.
+        let socket = match self
+            .runtime
+            .hot_restart
+            .inherit(&config.name, config.address)
+        {
+            Some(s) => tokio::net::TcpListener::from_std(s)?,
+            None => crate::listener::bind(config.address)?,
+        };
         let local = socket.local_addr()?;
         self.remove(&config.name);
+        self.runtime
+            .hot_restart
+            .register(&config.name, config.address, &socket);
         let (generation_drain, drain_rx) = watch::channel(false);
         let (stop, stop_rx) = watch::channel(false);
         let current = Arc::new(ArcSwap::from_pointee(Generation {
@@ -93,6 +104,7 @@ impl ListenerManager {
             let (_, a) = self.active.remove(i);
             let _ = a.stop.send(true);
             let _ = a.generation_drain.send(true);
+            self.runtime.hot_restart.unregister(name);
             tracing::info!(listener = %name, "listener removed; draining");
         }
     }

@@ -50,6 +50,8 @@ pub struct Runtime {
     draining: AtomicBool,
     drain_tx: watch::Sender<bool>,
     shutdown_tx: watch::Sender<bool>,
+    /// Sockets to hand over, counters inherited, the link to a parent or successor.
+    pub hot_restart: crate::hot_restart::State,
 }
 
 impl Runtime {
@@ -123,10 +125,22 @@ pub struct ServeOptions {
     pub registry: Arc<legate_filters::FilterRegistry>,
     /// What the filter registry was given (see `FilterRegistry::set_services`).
     pub services: Arc<crate::services::ProxyServices>,
+    /// `--restart-epoch`, `--base-id` and the rest of the hot restart options.
+    pub hot_restart: crate::hot_restart::Options,
 }
 
-/// Binds everything, serves until a signal or `/quitquitquit`, then drains and returns.
-pub async fn run(bootstrap: Bootstrap, opts: ServeOptions) -> anyhow::Result<()> {
+/// How [`run`] ended.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Outcome {
+    /// A successor took over and this process drained.
+    pub handed_over: bool,
+    /// The successor this process started itself (`SIGHUP`, `POST /hot_restart`).
+    pub successor: Option<u32>,
+}
+
+/// Binds everything (taking over the parent's sockets with `--restart-epoch` above 0),
+/// serves until a signal, `/quitquitquit` or a successor's takeover, then drains and returns.
+pub async fn run(bootstrap: Bootstrap, opts: ServeOptions) -> anyhow::Result<Outcome> {
     let clusters = Arc::new(ClusterManager::new(bootstrap.clusters));
     let (drain_tx, _) = watch::channel(false);
     let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
@@ -150,8 +164,13 @@ pub async fn run(bootstrap: Bootstrap, opts: ServeOptions) -> anyhow::Result<()>
         draining: AtomicBool::new(false),
         drain_tx,
         shutdown_tx,
+        hot_restart: crate::hot_restart::State::new(opts.hot_restart.clone()),
     });
     runtime.services.bind(&runtime);
+    let child = opts.hot_restart.epoch > 0;
+    if let Some((link, uptime)) = crate::hot_restart::child::connect(&opts.hot_restart)? {
+        crate::hot_restart::child::attach(&runtime, link, uptime);
+    }
     // Clusters initialise (first DNS answers) before listeners take traffic.
     clusters.start_dns().await;
     let mut listeners = ListenerManager::new(runtime.clone());
@@ -161,12 +180,11 @@ pub async fn run(bootstrap: Bootstrap, opts: ServeOptions) -> anyhow::Result<()>
         })?;
     }
     runtime.publish(|s| s.listeners = listeners.bound());
+    let mut admin_local = None;
     if let Some(addr) = bootstrap.admin {
         let local = crate::admin::start(addr, runtime.clone()).await?;
         tracing::info!(%local, "admin listening");
-        if let Some(path) = &opts.admin_address_path {
-            std::fs::write(path, local.to_string())?;
-        }
+        admin_local = Some(local);
     }
     // The listener manager lives as long as the listeners: here, or in the xDS client that
     // changes them.
@@ -177,14 +195,60 @@ pub async fn run(bootstrap: Bootstrap, opts: ServeOptions) -> anyhow::Result<()>
         }
         None => Some(listeners),
     };
-
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    let graceful = tokio::select! {
-        _ = term.recv() => true,
-        _ = int.recv() => true,
-        _ = shutdown_rx.changed() => false,
+    let write_admin_address = || -> anyhow::Result<()> {
+        if let (Some(path), Some(local)) = (&opts.admin_address_path, admin_local) {
+            std::fs::write(path, local.to_string())?;
+        }
+        Ok(())
     };
+    if child {
+        // The parent serves until this process has its whole configuration (with xDS, the
+        // first complete one); then it stops accepting and drains.
+        while !runtime.is_initialized() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let rt = runtime.clone();
+        tokio::task::spawn_blocking(move || crate::hot_restart::child::drain_parent(&rt)).await??;
+    } else {
+        write_admin_address()?;
+    }
+    crate::hot_restart::parent::listen(&runtime)?;
+    if child {
+        write_admin_address()?;
+    }
+
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut handed_over = runtime.hot_restart.handed_over_signal();
+    let mut outcome = Outcome::default();
+    let graceful = loop {
+        tokio::select! {
+            _ = term.recv() => break true,
+            _ = int.recv() => break true,
+            _ = shutdown_rx.changed() => break false,
+            _ = hup.recv() => match crate::hot_restart::supervisor::request_restart(&runtime) {
+                Ok(m) => tracing::info!("hot restart: {m}"),
+                Err(m) => tracing::warn!("hot restart: {m}"),
+            },
+            r = handed_over.changed() => if r.is_ok() && *handed_over.borrow() {
+                outcome.handed_over = true;
+                break false;
+            },
+        }
+    };
+    if outcome.handed_over {
+        // The successor accepts now; this process finishes what it has, up to
+        // --parent-shutdown-time-s.
+        let deadline = Instant::now() + opts.hot_restart.parent_shutdown_time;
+        while runtime.active_connections() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        outcome.successor = runtime.hot_restart.successor();
+        let rt = runtime.clone();
+        let _ = tokio::task::spawn_blocking(move || crate::hot_restart::parent::finish(&rt)).await;
+    }
     if graceful {
         tracing::info!("draining for up to {:?}", opts.drain_time);
         runtime.start_drain();
@@ -194,5 +258,5 @@ pub async fn run(bootstrap: Bootstrap, opts: ServeOptions) -> anyhow::Result<()>
         }
     }
     tracing::info!("exiting");
-    Ok(())
+    Ok(outcome)
 }
