@@ -186,12 +186,10 @@ fn handle(rt: &Arc<Runtime>, req: Request<Incoming>) -> Response<Full<Bytes>> {
             rt.health.ok();
             text(StatusCode::OK, "OK\n")
         }
-        (&Method::POST, "/hot_restart") => {
-            match crate::hot_restart::supervisor::request_restart(rt) {
-                Ok(m) => text(StatusCode::OK, format!("{m}\n")),
-                Err(m) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{m}\n")),
-            }
-        }
+        (&Method::POST, "/hot_restart") => match crate::hot_restart::supervisor::trigger(rt) {
+            Ok(m) => text(StatusCode::OK, format!("{m}\n")),
+            Err(m) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{m}\n")),
+        },
         (&Method::POST, "/drain_listeners") => {
             rt.start_drain();
             text(StatusCode::OK, "OK\n")

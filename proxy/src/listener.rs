@@ -3,6 +3,7 @@
 //! connection's HTTP codec until it closes or the proxy drains.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -375,7 +376,26 @@ where
     let hcm_drain_time = info.runtime.drain_time;
     let draining_flag = info.draining.clone();
     let saw_h2 = info.saw_h2.clone();
-    let svc = service_fn(move |req| crate::hcm::handle(info.clone(), req));
+    let activity = Arc::new(Activity::default());
+    let svc = {
+        let activity = activity.clone();
+        service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            if req.version() == http::Version::HTTP_2 && !activity.h2.swap(true, Ordering::Relaxed)
+            {
+                // The protocol is known now; a draining connection sends its GOAWAY.
+                activity.h2_known.notify_one();
+            }
+            activity.requests.fetch_add(1, Ordering::Relaxed);
+            activity.in_flight.fetch_add(1, Ordering::Relaxed);
+            let handled = crate::hcm::handle(info.clone(), req);
+            let activity = activity.clone();
+            async move {
+                let result = handled.await;
+                activity.in_flight.fetch_sub(1, Ordering::Relaxed);
+                result
+            }
+        })
+    };
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let max_headers = (hcm.max_request_headers_kb as usize * 1024).max(8192);
     // `per_connection_buffer_limit_bytes` (Envoy's default 1 MiB) bounds the HTTP/1.1 read
@@ -400,48 +420,84 @@ where
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
     // Draining: HTTP/2 gets GOAWAY at once. HTTP/1.1 gets `Connection: close` on its next
-    // response and, when the proxy drains or the connection manager's `drain_timeout` has
-    // passed, is closed once idle (closing an idle keep-alive connection at once would race
-    // a request the client is sending on it). After `--drain-time-s` the connection is
+    // response; closing an idle keep-alive connection at once would race a request the client
+    // is sending on it, so when the proxy drains (SIGTERM, a hot restart) it is closed once
+    // it has been idle for `IDLE_GRACE`, and when only its listener drains, once idle after
+    // the connection manager's `drain_timeout`. After `--drain-time-s` the connection is
     // closed whatever it is doing.
     let drain_time = hcm_drain_time;
     let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
     let mut deadline = far;
     let mut soft_deadline = far;
     let mut draining = false;
+    let mut idle_close = false;
     let mut shut = false;
+    let mut seen_requests = 0;
+    let mut idle_check = tokio::time::interval(IDLE_GRACE);
     let start_drain = |drain: &Drain| {
-        draining_flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        draining_flag.store(true, Ordering::Relaxed);
         let now = tokio::time::Instant::now();
-        let h2 = saw_h2.load(std::sync::atomic::Ordering::Relaxed) || codec == Codec::Http2;
+        let h2 = saw_h2.load(Ordering::Relaxed)
+            || activity.h2.load(Ordering::Relaxed)
+            || codec == Codec::Http2;
         // The idle close comes well before the hard one, so a request the client sends just
         // before the idle close still has time to finish.
-        let soft = if h2 || drain.is_global() {
+        let soft = if h2 {
             now
+        } else if drain.is_global() {
+            far
         } else {
             now + hcm.drain_timeout.min(drain_time / 2)
         };
-        (now + drain_time, soft)
+        (now + drain_time, soft, drain.is_global())
     };
     if drain.is_set() {
         draining = true;
-        (deadline, soft_deadline) = start_drain(&drain);
+        (deadline, soft_deadline, idle_close) = start_drain(&drain);
+        idle_check.reset();
     }
     loop {
         tokio::select! {
             r = conn.as_mut() => return r.map_err(|e| std::io::Error::other(e.to_string())),
             _ = drain.wait(), if !draining => {
                 draining = true;
-                (deadline, soft_deadline) = start_drain(&drain);
+                (deadline, soft_deadline, idle_close) = start_drain(&drain);
+                idle_check.reset();
+                seen_requests = activity.requests.load(Ordering::Relaxed);
             }
             _ = tokio::time::sleep_until(soft_deadline), if draining && !shut => {
                 shut = true;
                 // HTTP/1.1: close after the in-flight response; HTTP/2: GOAWAY.
                 conn.as_mut().graceful_shutdown();
             }
+            _ = activity.h2_known.notified(), if draining && !shut => {
+                shut = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = idle_check.tick(), if draining && idle_close && !shut => {
+                let requests = activity.requests.load(Ordering::Relaxed);
+                if requests == seen_requests && activity.in_flight.load(Ordering::Relaxed) == 0 {
+                    shut = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                seen_requests = requests;
+            }
             _ = tokio::time::sleep_until(deadline), if draining => {
                 return Ok(());
             }
         }
     }
+}
+
+/// How long a connection may stay idle, once the proxy drains, before it is closed.
+const IDLE_GRACE: Duration = Duration::from_secs(1);
+
+/// What a connection's requests tell its drain loop.
+#[derive(Debug, Default)]
+struct Activity {
+    /// The connection speaks HTTP/2 (seen on its first request).
+    h2: AtomicBool,
+    h2_known: tokio::sync::Notify,
+    requests: AtomicU64,
+    in_flight: AtomicUsize,
 }

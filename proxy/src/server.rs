@@ -242,7 +242,10 @@ pub async fn run(bootstrap: Bootstrap, opts: ServeOptions) -> anyhow::Result<Out
         // The successor accepts now; this process finishes what it has, up to
         // --parent-shutdown-time-s.
         let deadline = Instant::now() + opts.hot_restart.parent_shutdown_time;
-        while runtime.active_connections() > 0 && Instant::now() < deadline {
+        // A parent of our own still draining reports to us; our report must include its last.
+        while (runtime.active_connections() > 0 || runtime.hot_restart.parent_reporting())
+            && Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         outcome.successor = runtime.hot_restart.successor();

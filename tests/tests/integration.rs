@@ -4,6 +4,7 @@
 mod demo;
 mod ext_authz;
 mod harness;
+mod hot_restart;
 mod kube;
 mod lifecycle;
 mod malformed;

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -118,29 +119,45 @@ pub fn drain_parent(runtime: &Arc<Runtime>) -> Result<(), Error> {
     tracing::info!("the parent drains; this process serves");
     // The parent reports while it drains; its last report comes just before it exits.
     link.stream.set_read_timeout(None)?;
+    let state = &runtime.hot_restart;
+    state.parent_reporting.store(true, Ordering::Release);
     let runtime = runtime.clone();
-    std::thread::Builder::new()
+    let reporting = std::thread::Builder::new()
         .name("hot-restart-stats".into())
-        .spawn(move || loop {
-            match wire::recv(&link.stream) {
-                Ok(Some((Message::Stats { counters, last }, _))) => {
-                    runtime.hot_restart.set_inherited(counters);
-                    if last {
-                        return;
-                    }
-                }
-                Ok(Some(other)) => {
-                    tracing::warn!("unexpected message from the parent: {other:?}");
-                    return;
-                }
-                Ok(None) => return,
-                Err(e) => {
-                    tracing::debug!("parent link closed: {e}");
+        .spawn(move || {
+            receive_reports(&runtime, &link);
+            runtime
+                .hot_restart
+                .parent_reporting
+                .store(false, Ordering::Release);
+        });
+    if let Err(e) = reporting {
+        state.parent_reporting.store(false, Ordering::Release);
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+fn receive_reports(runtime: &Runtime, link: &ParentLink) {
+    loop {
+        match wire::recv(&link.stream) {
+            Ok(Some((Message::Stats { counters, last }, _))) => {
+                runtime.hot_restart.set_inherited(counters);
+                if last {
                     return;
                 }
             }
-        })?;
-    Ok(())
+            Ok(Some(other)) => {
+                tracing::warn!("unexpected message from the parent: {other:?}");
+                return;
+            }
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!("parent link closed: {e}");
+                return;
+            }
+        }
+    }
 }
 
 /// Keeps the parent link for [`super::State::inherit`].

@@ -146,6 +146,8 @@ pub struct State {
     successor: Mutex<Option<u32>>,
     /// A child is talking to this process.
     busy: AtomicBool,
+    /// The parent still reports its counters (it has not exited yet).
+    parent_reporting: AtomicBool,
     /// Tells the thread reporting to the child to send its last report.
     finish: Mutex<Option<std::sync::mpsc::Sender<()>>>,
     finished: Mutex<bool>,
@@ -163,6 +165,7 @@ impl State {
             handed_over: watch::channel(false).0,
             successor: Mutex::new(None),
             busy: AtomicBool::new(false),
+            parent_reporting: AtomicBool::new(false),
             finish: Mutex::new(None),
             finished: Mutex::new(false),
             finished_cv: Condvar::new(),
@@ -252,6 +255,12 @@ impl State {
         *self.handed_over.borrow()
     }
 
+    /// Whether the parent is still draining (and reporting its counters).
+    pub fn parent_reporting(&self) -> bool {
+        self.parent_reporting
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// The successor this process started, if any.
     pub fn successor(&self) -> Option<u32> {
         self.successor.lock().ok().and_then(|s| *s)
@@ -267,6 +276,7 @@ pub fn serve(
     opts: crate::server::ServeOptions,
 ) -> anyhow::Result<std::process::ExitCode> {
     let options = opts.hot_restart.clone();
+    supervisor::follow_supervisor();
     let outcome = rt.block_on(crate::server::run(bootstrap, opts))?;
     // Listeners, clusters, xDS and the admin server go with the runtime.
     rt.shutdown_timeout(Duration::from_millis(200));

@@ -68,16 +68,48 @@ fn supervisor() -> Option<Pid> {
     getppid().filter(|p| p.as_raw_pid() == expected)
 }
 
-/// Starts a hot restart of this process. Returns what happened, for the log and the admin.
-pub fn request_restart(runtime: &Arc<Runtime>) -> Result<String, String> {
+/// In a generation the supervisor started: asks the kernel for `SIGTERM` should the
+/// supervisor die, so no generation outlives it unsupervised.
+pub fn follow_supervisor() {
+    if supervisor().is_some() {
+        if let Err(e) = rustix::process::set_parent_process_death_signal(Some(Signal::TERM)) {
+            tracing::warn!("cannot follow the supervisor: {e}");
+        }
+    }
+}
+
+fn check(runtime: &Runtime) -> Result<(), String> {
     let state = &runtime.hot_restart;
-    let options = &state.options;
-    if !options.enabled {
+    if !state.options.enabled {
         return Err("hot restart is disabled (--disable-hot-restart)".into());
     }
     if state.is_handed_over() {
         return Err("this process already handed over".into());
     }
+    if let Some(pid) = state.successor() {
+        return Err(format!("a restart is in progress (pid {pid})"));
+    }
+    Ok(())
+}
+
+/// `POST /hot_restart`: the same as `SIGHUP`. The signal goes to this process (or its
+/// supervisor), so the successor is always started from the main thread: a child's
+/// parent-death signal follows the thread that started it.
+pub fn trigger(runtime: &Runtime) -> Result<String, String> {
+    check(runtime)?;
+    let target = supervisor().unwrap_or_else(getpid);
+    kill_process(target, Signal::HUP).map_err(|e| format!("cannot signal {target:?}: {e}"))?;
+    Ok(format!(
+        "hot restart requested: epoch {} starts",
+        runtime.hot_restart.options.epoch + 1
+    ))
+}
+
+/// `SIGHUP`: starts a hot restart of this process. Returns what happened, for the log.
+pub fn request_restart(runtime: &Arc<Runtime>) -> Result<String, String> {
+    check(runtime)?;
+    let state = &runtime.hot_restart;
+    let options = &state.options;
     if let Some(sup) = supervisor() {
         kill_process(sup, Signal::HUP).map_err(|e| format!("cannot signal the supervisor: {e}"))?;
         return Ok(format!(

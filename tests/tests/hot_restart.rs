@@ -1,0 +1,325 @@
+//! Hot restart: a new Legate process takes over the listening sockets of the running one and
+//! the old one drains, under continuous HTTP/1.1, HTTP/2 and gRPC load, with zero failed
+//! requests at the client; a changed bootstrap serves its new route right after the
+//! handover; an invalid one fails in the child while the parent keeps serving; `SIGHUP` and
+//! `POST /hot_restart` restart from the binary on disk with the first process as supervisor.
+
+mod load;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use legate_tests::bins::legate_bin;
+use legate_tests::client::{admin_get, send, Request, Transport};
+use legate_tests::process::{ProcessGuard, TempDir};
+use legate_tests::proxy::parse_listeners;
+use legate_tests::upstream::Upstream;
+
+use load::{Load, Shape};
+
+const DEADLINE: Duration = Duration::from_secs(15);
+const POLL: Duration = Duration::from_millis(20);
+
+/// A `--base-id` no other test process uses, so their domain sockets never meet.
+fn base_id() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    (std::process::id() % 40_000) * 100 + 1_000 + NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Listener `main` (port 0) routing `/new` to cluster `b` when `new_route`, everything else
+/// to `a` over HTTP/2 (for the gRPC stream); `more_listeners` appended.
+fn bootstrap(a: u16, b: u16, new_route: bool, more_listeners: &[&str]) -> String {
+    let route_new = if new_route {
+        "              - match: {prefix: /new}\n                route: {cluster: b}\n"
+    } else {
+        ""
+    };
+    let listener = |name: &str, port: u16| {
+        format!(
+            r#"  - name: {name}
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          '@type': type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ['*']
+              routes:
+{route_new}              - match: {{prefix: /}}
+                route: {{cluster: a, timeout: 0s}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{'@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+"#
+        )
+    };
+    let mut listeners = listener("main", 0);
+    for l in more_listeners {
+        let (name, port) = l.split_once(':').unwrap_or((l, "0"));
+        listeners.push_str(&listener(name, port.parse().unwrap_or(0)));
+    }
+    let cluster = |name: &str, port: u16| {
+        format!(
+            r#"  - name: {name}
+    type: STATIC
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        '@type': type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: {name}
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}
+"#
+        )
+    };
+    format!(
+        "admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}}}\nstatic_resources:\n  listeners:\n{listeners}  clusters:\n{}{}",
+        cluster("a", a),
+        cluster("b", b)
+    )
+}
+
+/// The processes of one hot-restarting proxy: one base id, one directory.
+struct Family {
+    dir: TempDir,
+    bin: PathBuf,
+    base_id: u32,
+    drain_time_s: u64,
+    parent_shutdown_time_s: u64,
+}
+
+/// One Legate process.
+struct Generation {
+    epoch: u32,
+    guard: ProcessGuard,
+    admin_file: PathBuf,
+}
+
+impl Family {
+    fn new(name: &str, drain_time_s: u64, parent_shutdown_time_s: u64) -> Result<Self> {
+        Ok(Self {
+            dir: TempDir::new(name)?,
+            bin: legate_bin()?,
+            base_id: base_id(),
+            drain_time_s,
+            parent_shutdown_time_s,
+        })
+    }
+
+    fn args(&self, epoch: u32, config: &Path, admin_file: &Path) -> Vec<String> {
+        vec![
+            "-c".into(),
+            config.display().to_string(),
+            "--admin-address-path".into(),
+            admin_file.display().to_string(),
+            "-l".into(),
+            "info".into(),
+            "--concurrency".into(),
+            "1".into(),
+            "--base-id".into(),
+            self.base_id.to_string(),
+            "--restart-epoch".into(),
+            epoch.to_string(),
+            "--drain-time-s".into(),
+            self.drain_time_s.to_string(),
+            "--parent-shutdown-time-s".into(),
+            self.parent_shutdown_time_s.to_string(),
+        ]
+    }
+
+    /// Starts the process of `epoch` with the bootstrap `yaml`.
+    fn spawn(&self, epoch: u32, yaml: &str) -> Result<Generation> {
+        let config = self.dir.path().join(format!("bootstrap-{epoch}.yaml"));
+        std::fs::write(&config, yaml)?;
+        let admin_file = self.dir.path().join(format!("admin-{epoch}"));
+        let _ = std::fs::remove_file(&admin_file);
+        let guard = ProcessGuard::spawn(
+            &format!("legate-epoch-{epoch}"),
+            &self.bin,
+            &self.args(epoch, &config, &admin_file),
+            self.dir.path(),
+        )?;
+        Ok(Generation {
+            epoch,
+            guard,
+            admin_file,
+        })
+    }
+}
+
+impl Generation {
+    /// Waits until the process wrote its admin address: for an epoch above 0 that is once
+    /// the parent stopped accepting and this process serves.
+    async fn serving(&mut self) -> Result<SocketAddr> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.guard.exited() {
+                bail!(
+                    "epoch {} exited with {status} before serving\n{}",
+                    self.epoch,
+                    self.guard.output()
+                );
+            }
+            if let Ok(text) = std::fs::read_to_string(&self.admin_file) {
+                if let Ok(addr) = text.trim().parse() {
+                    return Ok(addr);
+                }
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "epoch {} did not serve within {DEADLINE:?}\n{}",
+                self.epoch,
+                self.guard.output()
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Waits for the process to exit by itself.
+    async fn exit(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.guard.exited() {
+                return Ok(status);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "epoch {} still runs after {within:?}\n{}",
+                self.epoch,
+                self.guard.output()
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+async fn listeners(admin: SocketAddr) -> Result<std::collections::BTreeMap<String, SocketAddr>> {
+    let (status, body) = admin_get(admin, "/listeners?format=json").await?;
+    ensure!(status == 200, "/listeners answered {status}");
+    parse_listeners(&body)
+}
+
+/// `restart_epoch` from `/server_info`.
+async fn epoch(admin: SocketAddr) -> Result<u64> {
+    let (_, body) = admin_get(admin, "/server_info").await?;
+    let v: serde_json::Value = serde_json::from_str(&body).context("/server_info")?;
+    v["command_line_options"]["restart_epoch"]
+        .as_u64()
+        .with_context(|| format!("no restart_epoch in {body}"))
+}
+
+/// A counter from `/stats`.
+async fn counter(admin: SocketAddr, name: &str) -> Result<u64> {
+    let (_, body) = admin_get(admin, "/stats").await?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(": ")?.parse().ok())
+        .with_context(|| format!("no {name} in /stats:\n{body}"))
+}
+
+/// Waits until the load generator counted `more` further successful requests.
+async fn let_load_run(load: &Load, more: u64) -> Result<()> {
+    let target = load.counts.ok() + more;
+    let deadline = Instant::now() + DEADLINE;
+    while load.counts.ok() < target {
+        ensure!(
+            Instant::now() < deadline,
+            "the load stalled at {} requests\n{}",
+            load.counts.ok(),
+            load.counts.report()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    Ok(())
+}
+
+/// How many consecutive restarts the load test does (`LEGATE_HOT_RESTARTS`, default 20).
+fn restarts() -> u32 {
+    std::env::var("LEGATE_HOT_RESTARTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn consecutive_hot_restarts_under_load_fail_no_request() -> Result<()> {
+    let a = Upstream::plain("a").await?;
+    let b = Upstream::plain("b").await?;
+    let yaml = bootstrap(a.addr.port(), b.addr.port(), false, &[]);
+    let family = Family::new("hot-restart-load", 10, 20)?;
+    let mut current = family.spawn(0, &yaml)?;
+    let admin = current.serving().await?;
+    let main = listeners(admin)
+        .await?
+        .get("main")
+        .copied()
+        .context("main")?;
+    let load = Load::start(main, &Shape::default());
+    let_load_run(&load, 200).await?;
+
+    let n = restarts();
+    let mut parents = Vec::new();
+    let mut handovers = Vec::new();
+    let started = Instant::now();
+    for e in 1..=n {
+        let t = Instant::now();
+        let mut next = family.spawn(e, &yaml)?;
+        let next_admin = next.serving().await?;
+        handovers.push(t.elapsed());
+        ensure!(next_admin == admin, "the admin moved to {next_admin}");
+        parents.push(std::mem::replace(&mut current, next));
+        let_load_run(&load, 100).await?;
+    }
+    let restarting = started.elapsed();
+    // Let a gRPC stream that began before the last restart run on.
+    let grpc_before = load.counts.grpc_streams_ok.load(Ordering::Relaxed);
+    let deadline = Instant::now() + DEADLINE;
+    while load.counts.grpc_streams_ok.load(Ordering::Relaxed) < grpc_before + 1 {
+        ensure!(Instant::now() < deadline, "no gRPC stream completed");
+        tokio::time::sleep(POLL).await;
+    }
+    let counts = load.counts.clone();
+    let errors = load.stop().await;
+    println!("{}", counts.report());
+    println!("{n} hot restarts in {restarting:?}");
+    println!(
+        "time to handover (child start to serving): min {:?} max {:?} mean {:?}",
+        handovers.iter().min().copied().unwrap_or_default(),
+        handovers.iter().max().copied().unwrap_or_default(),
+        handovers.iter().sum::<Duration>() / n.max(1)
+    );
+    ensure!(
+        counts.failures() == 0 && errors.is_empty(),
+        "{}\nfirst errors: {errors:#?}",
+        counts.report()
+    );
+    ensure!(counts.grpc_messages.load(Ordering::Relaxed) > 0);
+    ensure!(epoch(admin).await? == u64::from(n));
+    for p in &mut parents {
+        let status = p.exit(Duration::from_secs(30)).await?;
+        ensure!(
+            status.success(),
+            "epoch {} exited with {status}\n{}",
+            p.epoch,
+            p.guard.output()
+        );
+    }
+    // Every generation's counters are in the last one's /stats.
+    let total = counter(admin, "http.ingress.downstream_rq_total").await?;
+    println!("/stats http.ingress.downstream_rq_total after {n} restarts: {total}");
+    ensure!(
+        total >= counts.ok(),
+        "/stats counts {total} requests; the clients got {} answers",
+        counts.ok()
+    );
+    drop(current);
+    Ok(())
+}
