@@ -323,3 +323,205 @@ async fn consecutive_hot_restarts_under_load_fail_no_request() -> Result<()> {
     drop(current);
     Ok(())
 }
+
+/// `GET path` on a new HTTP/1.1 connection; returns the status and the `x-upstream` header.
+async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let r = send(addr, &Transport::H1, &Request::get("example.com", path)).await?;
+    Ok((r.status, r.header("x-upstream").unwrap_or_default()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_bootstrap_serves_at_once_and_an_invalid_one_leaves_the_parent_serving(
+) -> Result<()> {
+    let a = Upstream::plain("a").await?;
+    let b = Upstream::plain("b").await?;
+    let family = Family::new("hot-restart-config", 5, 10)?;
+    let mut gen0 = family.spawn(0, &bootstrap(a.addr.port(), b.addr.port(), false, &["old"]))?;
+    let admin = gen0.serving().await?;
+    let before = listeners(admin).await?;
+    let main = before.get("main").copied().context("main")?;
+    let old = before.get("old").copied().context("old")?;
+    ensure!(get(main, "/new/x").await? == (200, "a".into()));
+
+    // The new bootstrap routes /new to b, drops `old` and adds `extra`.
+    let new_yaml = bootstrap(a.addr.port(), b.addr.port(), true, &["extra"]);
+    let mut gen1 = family.spawn(1, &new_yaml)?;
+    ensure!(gen1.serving().await? == admin);
+    ensure!(
+        get(main, "/new/x").await? == (200, "b".into()),
+        "the new route right after the handover\n{}",
+        gen1.guard.output()
+    );
+    let after = listeners(admin).await?;
+    ensure!(after.get("main") == Some(&main), "main moved: {after:?}");
+    ensure!(
+        after.contains_key("extra") && !after.contains_key("old"),
+        "{after:?}"
+    );
+    let extra = after.get("extra").copied().context("extra")?;
+    ensure!(get(extra, "/").await?.0 == 200);
+    // The parent drains and exits; the listener the new bootstrap dropped closes with it.
+    let status = gen0.exit(DEADLINE).await?;
+    ensure!(status.success(), "epoch 0 exited with {status}");
+    ensure!(
+        tokio::net::TcpStream::connect(old).await.is_err(),
+        "the dropped listener {old} still accepts"
+    );
+
+    // An invalid bootstrap fails in the child before it asks for anything.
+    let mut bad = family.spawn(2, "static_resources: {clusters: [{name: x, type: NOPE}]}")?;
+    let status = bad.exit(DEADLINE).await?;
+    ensure!(
+        !status.success(),
+        "an invalid bootstrap exited with {status}"
+    );
+    ensure!(
+        bad.guard
+            .output()
+            .contains("error initializing configuration"),
+        "{}",
+        bad.guard.output()
+    );
+    // A child that fails after it took sockets (its new listener's port is taken) exits
+    // before telling the parent to drain.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = taken.local_addr()?.port();
+    let busy = format!("busy:{port}");
+    let mut failing = family.spawn(
+        2,
+        &bootstrap(a.addr.port(), b.addr.port(), true, &["extra", &busy]),
+    )?;
+    let status = failing.exit(DEADLINE).await?;
+    ensure!(
+        !status.success(),
+        "a child that cannot bind exited with {status}"
+    );
+    ensure!(gen1.guard.exited().is_none(), "the parent exited");
+    ensure!(epoch(admin).await? == 1);
+    for _ in 0..20 {
+        ensure!(get(main, "/new/x").await? == (200, "b".into()));
+    }
+    // The parent accepts the next, valid, child.
+    let mut gen2 = family.spawn(2, &new_yaml)?;
+    ensure!(gen2.serving().await? == admin);
+    ensure!(epoch(admin).await? == 2);
+    ensure!(get(main, "/new/x").await? == (200, "b".into()));
+    let status = gen1.exit(DEADLINE).await?;
+    ensure!(status.success(), "epoch 1 exited with {status}");
+    Ok(())
+}
+
+fn signal(pid: u32, sig: &str) -> Result<()> {
+    let status = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()?;
+    ensure!(status.success(), "kill {sig} {pid}: {status}");
+    Ok(())
+}
+
+/// Runs `trigger` until `/server_info` reports `want` (a supervisor ignores a restart while
+/// the previous generation still drains, so the trigger is repeated, at most once a second).
+async fn restart_to(
+    admin: SocketAddr,
+    want: u64,
+    mut trigger: impl AsyncFnMut() -> Result<()>,
+) -> Result<()> {
+    let deadline = Instant::now() + DEADLINE;
+    let mut next_trigger = Instant::now();
+    loop {
+        if Instant::now() >= next_trigger {
+            trigger().await?;
+            next_trigger = Instant::now() + Duration::from_secs(1);
+        }
+        if let Ok(e) = epoch(admin).await {
+            if e == want {
+                return Ok(());
+            }
+        }
+        ensure!(Instant::now() < deadline, "epoch {want} never served");
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sighup_and_the_admin_restart_from_the_binary_on_disk_under_a_supervisor() -> Result<()> {
+    let a = Upstream::plain("a").await?;
+    let b = Upstream::plain("b").await?;
+    let yaml = bootstrap(a.addr.port(), b.addr.port(), false, &[]);
+    let mut family = Family::new("hot-restart-sighup", 5, 10)?;
+    // A copy of the binary that the test replaces, as an upgrade does.
+    let bin_dir = family.dir.path().join("bin");
+    std::fs::create_dir_all(&bin_dir)?;
+    let bin = bin_dir.join("legate");
+    std::fs::copy(&family.bin, &bin)?;
+    let original = std::mem::replace(&mut family.bin, bin.clone());
+    let mut root = family.spawn(0, &yaml)?;
+    let root_pid = root.guard.id();
+    let admin = root.serving().await?;
+    let main = listeners(admin)
+        .await?
+        .get("main")
+        .copied()
+        .context("main")?;
+    let load = Load::start(
+        main,
+        &Shape {
+            h1_connections: 2,
+            h2_connections: 1,
+            h2_streams: 4,
+            grpc_streams: 1,
+            grpc_stream_time: Duration::from_millis(800),
+            ..Shape::default()
+        },
+    );
+    let_load_run(&load, 100).await?;
+
+    restart_to(admin, 1, async || signal(root_pid, "-HUP")).await?;
+    let_load_run(&load, 100).await?;
+    ensure!(root.guard.exited().is_none(), "the first process exited");
+
+    // Replace the file; the next generation starts from the new one.
+    let staged = bin_dir.join("legate.new");
+    std::fs::copy(&original, &staged)?;
+    std::fs::rename(&staged, &bin)?;
+    restart_to(admin, 2, async || signal(root_pid, "-HUP")).await?;
+    let_load_run(&load, 100).await?;
+
+    let mut post = Request::get("localhost", "/hot_restart");
+    post.method = "POST".into();
+    restart_to(admin, 3, async || {
+        let r = send(admin, &Transport::H1, &post).await?;
+        ensure!(
+            r.status == 200 || r.status == 503,
+            "POST /hot_restart: {}",
+            r.status
+        );
+        Ok(())
+    })
+    .await?;
+    let_load_run(&load, 100).await?;
+
+    let counts = load.counts.clone();
+    let errors = load.stop().await;
+    println!("{}", counts.report());
+    ensure!(
+        counts.failures() == 0 && errors.is_empty(),
+        "{}\nfirst errors: {errors:#?}\n{}",
+        counts.report(),
+        root.guard.output()
+    );
+    ensure!(
+        root.guard.exited().is_none(),
+        "the first process (the supervisor) exited\n{}",
+        root.guard.output()
+    );
+    // SIGTERM to the supervisor reaches the serving generation; both exit 0.
+    signal(root_pid, "-TERM")?;
+    let status = root.exit(DEADLINE).await?;
+    ensure!(status.success(), "the supervisor exited with {status}");
+    ensure!(
+        tokio::net::TcpStream::connect(main).await.is_err(),
+        "{main} still accepts after the supervisor exited"
+    );
+    Ok(())
+}
