@@ -173,6 +173,26 @@ pub async fn run(bootstrap: Bootstrap, opts: ServeOptions) -> anyhow::Result<Out
     }
     // Clusters initialise (first DNS answers) before listeners take traffic.
     clusters.start_dns().await;
+    if child {
+        let mut wanted: Vec<(String, SocketAddr)> = bootstrap
+            .listeners
+            .iter()
+            .map(|l| (l.name.clone(), l.address))
+            .collect();
+        if let Some(addr) = bootstrap.admin {
+            wanted.push((crate::hot_restart::ADMIN_SOCKET.into(), addr));
+        }
+        let admin = bootstrap.admin;
+        runtime.hot_restart.prepare(&wanted, |addr| {
+            let s = if Some(addr) == admin {
+                std::net::TcpListener::bind(addr)?
+            } else {
+                crate::listener::bind(addr)?.into_std()?
+            };
+            s.set_nonblocking(true)?;
+            Ok(s)
+        })?;
+    }
     let mut listeners = ListenerManager::new(runtime.clone());
     for l in &bootstrap.listeners {
         listeners.upsert(l.clone()).map_err(|e| {

@@ -368,6 +368,18 @@ async fn a_changed_bootstrap_serves_at_once_and_an_invalid_one_leaves_the_parent
         "the dropped listener {old} still accepts"
     );
 
+    // Failed restarts under load: the clients of the parent see nothing.
+    let load = Load::start(
+        main,
+        &Shape {
+            h1_connections: 2,
+            h2_connections: 1,
+            h2_streams: 4,
+            grpc_streams: 0,
+            ..Shape::default()
+        },
+    );
+    let_load_run(&load, 100).await?;
     // An invalid bootstrap fails in the child before it asks for anything.
     let mut bad = family.spawn(2, "static_resources: {clusters: [{name: x, type: NOPE}]}")?;
     let status = bad.exit(DEADLINE).await?;
@@ -383,7 +395,7 @@ async fn a_changed_bootstrap_serves_at_once_and_an_invalid_one_leaves_the_parent
         bad.guard.output()
     );
     // A child that fails after it took sockets (its new listener's port is taken) exits
-    // before telling the parent to drain.
+    // before it accepted anything and before telling the parent to drain.
     let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
     let port = taken.local_addr()?.port();
     let busy = format!("busy:{port}");
@@ -398,6 +410,15 @@ async fn a_changed_bootstrap_serves_at_once_and_an_invalid_one_leaves_the_parent
     );
     ensure!(gen1.guard.exited().is_none(), "the parent exited");
     ensure!(epoch(admin).await? == 1);
+    let_load_run(&load, 100).await?;
+    let counts = load.counts.clone();
+    let errors = load.stop().await;
+    println!("{}", counts.report());
+    ensure!(
+        counts.failures() == 0 && errors.is_empty(),
+        "{}\nfirst errors: {errors:#?}",
+        counts.report()
+    );
     for _ in 0..20 {
         ensure!(get(main, "/new/x").await? == (200, "b".into()));
     }

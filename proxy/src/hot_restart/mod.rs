@@ -44,6 +44,12 @@ pub enum Error {
         socket: String,
         source: std::io::Error,
     },
+    #[error("cannot bind listener {name} on {address}: {source}")]
+    Bind {
+        name: String,
+        address: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("the parent refused the hot restart: {0}")]
     Refused(String),
     #[error("hot restart protocol: {0}")]
@@ -140,6 +146,9 @@ pub struct State {
     uptime_before: Mutex<Duration>,
     /// The link to the parent while this process takes over.
     parent: Mutex<Option<child::ParentLink>>,
+    /// Sockets taken from the parent or bound before any listener starts (see
+    /// [`State::prepare`]), by name and configured address.
+    prepared: Mutex<Vec<(String, SocketAddr, std::net::TcpListener)>>,
     /// Turns true once a child took over: the admin server stops accepting too.
     handed_over: watch::Sender<bool>,
     /// The successor this process started itself (it becomes its supervisor).
@@ -162,6 +171,7 @@ impl State {
             inherited: Mutex::new(Vec::new()),
             uptime_before: Mutex::new(Duration::ZERO),
             parent: Mutex::new(None),
+            prepared: Mutex::new(Vec::new()),
             handed_over: watch::channel(false).0,
             successor: Mutex::new(None),
             busy: AtomicBool::new(false),
@@ -201,9 +211,39 @@ impl State {
         }
     }
 
-    /// The parent's socket for this listener while this process takes over: same name and
-    /// configured address, or for a fixed port the same configured address under any name.
+    /// In a child, before any listener accepts: takes the parent's sockets for `wanted`
+    /// (name, configured address) and binds the others with `bind`, so a child that cannot
+    /// get all its sockets fails before it has accepted a connection.
+    pub fn prepare(
+        &self,
+        wanted: &[(String, SocketAddr)],
+        bind: impl Fn(SocketAddr) -> std::io::Result<std::net::TcpListener>,
+    ) -> Result<(), Error> {
+        for (name, address) in wanted {
+            let socket = match self.inherit(name, *address) {
+                Some(s) => s,
+                None => bind(*address).map_err(|source| Error::Bind {
+                    name: name.clone(),
+                    address: *address,
+                    source,
+                })?,
+            };
+            if let Ok(mut p) = self.prepared.lock() {
+                p.push((name.clone(), *address, socket));
+            }
+        }
+        Ok(())
+    }
+
+    /// The socket for this listener while this process takes over: one [`State::prepare`]
+    /// set aside, or the parent's (same name and configured address, or for a fixed port
+    /// the same configured address under any name).
     pub fn inherit(&self, name: &str, configured: SocketAddr) -> Option<std::net::TcpListener> {
+        if let Ok(mut p) = self.prepared.lock() {
+            if let Some(i) = p.iter().position(|(n, a, _)| n == name && *a == configured) {
+                return Some(p.swap_remove(i).2);
+            }
+        }
         let mut guard = self.parent.lock().ok()?;
         let link = guard.as_mut()?;
         match link.get_socket(name, configured) {
