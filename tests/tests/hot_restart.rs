@@ -4,6 +4,7 @@
 //! handover; an invalid one fails in the child while the parent keeps serving; `SIGHUP` and
 //! `POST /hot_restart` restart from the binary on disk with the first process as supervisor.
 
+mod bench;
 mod load;
 
 use std::net::SocketAddr;
