@@ -40,10 +40,10 @@ pub fn connect(options: &Options) -> Result<Option<(ParentLink, Duration)>, Erro
     let socket = options.socket_name(parent_epoch);
     let stream = socket_addr(&socket)
         .and_then(|a| UnixStream::connect_addr(&a))
-        .map_err(|source| Error::Connect {
+        .map_err(|error| Error::Connect {
             epoch: parent_epoch,
             socket: socket.clone(),
-            source,
+            error,
         })?;
     stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
     wire::send(

@@ -33,29 +33,35 @@ pub const ADMIN_SOCKET: &str = "(admin)";
 /// Errors of the hot restart protocol.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot reach the parent (epoch {epoch}) at {socket}: {source}")]
+    #[error("cannot reach the parent (epoch {epoch}) at {socket}: {error}")]
     Connect {
         epoch: u32,
         socket: String,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("cannot listen for a hot restart successor on {socket} (does another legate use this --base-id? set --base-id or --disable-hot-restart): {source}")]
+    #[error("cannot listen for a hot restart successor on {socket} (does another legate use this --base-id? set --base-id or --disable-hot-restart): {error}")]
     Listen {
         socket: String,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("cannot bind listener {name} on {address}: {source}")]
+    #[error("cannot bind listener {name} on {address}: {error}")]
     Bind {
         name: String,
         address: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("the parent refused the hot restart: {0}")]
     Refused(String),
     #[error("hot restart protocol: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("hot restart protocol: unexpected answer {0}")]
     Unexpected(String),
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e)
+    }
 }
 
 /// How this process takes part in hot restarts (from the command line).
@@ -222,10 +228,10 @@ impl State {
         for (name, address) in wanted {
             let socket = match self.inherit(name, *address) {
                 Some(s) => s,
-                None => bind(*address).map_err(|source| Error::Bind {
+                None => bind(*address).map_err(|error| Error::Bind {
                     name: name.clone(),
                     address: *address,
-                    source,
+                    error,
                 })?,
             };
             if let Ok(mut p) = self.prepared.lock() {
@@ -317,12 +323,14 @@ pub fn serve(
 ) -> anyhow::Result<std::process::ExitCode> {
     let options = opts.hot_restart.clone();
     supervisor::follow_supervisor();
-    let outcome = rt.block_on(crate::server::run(bootstrap, opts))?;
+    let outcome = rt.block_on(crate::server::run(bootstrap, opts));
+    parent::remove_socket_file();
+    let outcome = outcome?;
     // Listeners, clusters, xDS and the admin server go with the runtime.
     rt.shutdown_timeout(Duration::from_millis(200));
     match outcome.successor {
         Some(pid) if outcome.handed_over => {
-            let epoch = options.epoch + 1;
+            let epoch = options.epoch.saturating_add(1);
             Ok(supervisor::supervise(options, pid, epoch))
         }
         _ => Ok(std::process::ExitCode::SUCCESS),

@@ -26,16 +26,27 @@ pub fn listen(runtime: &Arc<Runtime>) -> Result<(), Error> {
         return Ok(());
     }
     let name = options.socket_name(options.epoch);
-    if !name.starts_with('@') {
-        // A file left by a process that died; the abstract namespace needs no cleanup.
-        let _ = std::fs::remove_file(&name);
+    let bind = || super::child::socket_addr(&name).and_then(|a| UnixListener::bind_addr(&a));
+    let listener = match bind() {
+        // A file left by a process that died (nothing answers on it) is replaced; the
+        // abstract namespace needs no cleanup.
+        Err(e)
+            if e.kind() == std::io::ErrorKind::AddrInUse
+                && !name.starts_with('@')
+                && UnixStream::connect(&name).is_err() =>
+        {
+            let _ = std::fs::remove_file(&name);
+            bind()
+        }
+        other => other,
     }
-    let listener = super::child::socket_addr(&name)
-        .and_then(|a| UnixListener::bind_addr(&a))
-        .map_err(|source| Error::Listen {
-            socket: name.clone(),
-            source,
-        })?;
+    .map_err(|error| Error::Listen {
+        socket: name.clone(),
+        error,
+    })?;
+    if !name.starts_with('@') {
+        let _ = SOCKET_FILE.set(name.clone().into());
+    }
     tracing::info!(socket = %name, "hot restart: waiting for a successor");
     let runtime = runtime.clone();
     std::thread::Builder::new()
@@ -59,6 +70,17 @@ pub fn listen(runtime: &Arc<Runtime>) -> Result<(), Error> {
     Ok(())
 }
 
+/// Removes this epoch's socket file (with a file-system `--socket-path`) as the process stops
+/// serving.
+pub fn remove_socket_file() {
+    if let Some(path) = SOCKET_FILE.get() {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// The socket file this process bound, if it bound one.
+static SOCKET_FILE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
 fn counters(runtime: &Runtime) -> Vec<(String, u64)> {
     crate::admin::collect_stats(runtime)
         .into_iter()
@@ -75,6 +97,8 @@ fn serve_child(runtime: &Arc<Runtime>, stream: UnixStream) -> Result<(), Error> 
     stream.set_read_timeout(Some(CHILD_TIMEOUT))?;
     let epoch = match wire::recv(&stream)? {
         Some((Message::Hello { epoch }, _)) => epoch,
+        // A liveness probe of a process that wanted this socket name.
+        None => return Ok(()),
         other => return Err(Error::Unexpected(format!("{other:?}"))),
     };
     let refuse = |reason: String| -> Result<(), Error> {
@@ -84,7 +108,7 @@ fn serve_child(runtime: &Arc<Runtime>, stream: UnixStream) -> Result<(), Error> 
     if Some(epoch) != own.checked_add(1) {
         return refuse(format!(
             "this process is epoch {own}; a child is epoch {}",
-            own + 1
+            own.saturating_add(1)
         ));
     }
     if state.is_handed_over() {

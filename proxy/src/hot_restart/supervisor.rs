@@ -101,7 +101,7 @@ pub fn trigger(runtime: &Runtime) -> Result<String, String> {
     kill_process(target, Signal::HUP).map_err(|e| format!("cannot signal {target:?}: {e}"))?;
     Ok(format!(
         "hot restart requested: epoch {} starts",
-        runtime.hot_restart.options.epoch + 1
+        runtime.hot_restart.options.epoch.saturating_add(1)
     ))
 }
 
@@ -115,7 +115,7 @@ pub fn request_restart(runtime: &Arc<Runtime>) -> Result<String, String> {
         return Ok(format!(
             "asked the supervisor (pid {}) to start epoch {}",
             sup.as_raw_pid(),
-            options.epoch + 1
+            options.epoch.saturating_add(1)
         ));
     }
     let mut successor = state
@@ -125,7 +125,7 @@ pub fn request_restart(runtime: &Arc<Runtime>) -> Result<String, String> {
     if let Some(pid) = *successor {
         return Err(format!("a restart is in progress (pid {pid})"));
     }
-    let epoch = options.epoch + 1;
+    let epoch = options.epoch.saturating_add(1);
     let pid = spawn(options, epoch)
         .map_err(|e| format!("cannot start the successor {}: {e}", options.exe.display()))?;
     *successor = Some(pid.as_raw_pid() as u32);
@@ -280,7 +280,7 @@ async fn supervise_loop(options: Options, mut current: Generation) -> ExitCode {
                 tracing::warn!("hot restart: a restart is in progress; SIGHUP ignored");
             }
             None => {
-                let epoch = current.epoch + 1;
+                let epoch = current.epoch.saturating_add(1);
                 match spawn(&options, epoch) {
                     Ok(pid) => next = Some(Generation { pid, epoch }),
                     Err(e) => {
