@@ -547,3 +547,96 @@ async fn sighup_and_the_admin_restart_from_the_binary_on_disk_under_a_supervisor
     );
     Ok(())
 }
+
+/// The process id, in this namespace, of `unshare`'s one child: the container's PID 1.
+async fn pid_one_of(unshare: u32) -> Result<u32> {
+    let path = format!("/proc/{unshare}/task/{unshare}/children");
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(pid) = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        {
+            return Ok(pid);
+        }
+        ensure!(Instant::now() < deadline, "{path} names no child");
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// `legate` as PID 1 of its own PID namespace, as in a container: the namespace (the
+/// container) lives through two restarts and ends with the serving generation on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_pid_1_of_a_container_the_supervisor_keeps_the_container_alive() -> Result<()> {
+    let a = Upstream::plain("a").await?;
+    let b = Upstream::plain("b").await?;
+    let family = Family::new("hot-restart-pid1", 5, 10)?;
+    let config = family.dir.path().join("bootstrap.yaml");
+    std::fs::write(&config, bootstrap(a.addr.port(), b.addr.port(), false, &[]))?;
+    let admin_file = family.dir.path().join("admin");
+    // `--kill-child`: the namespace dies with `unshare`, so the guard cleans up everything.
+    let mut args = vec![
+        "--pid".to_string(),
+        "--fork".into(),
+        "--kill-child".into(),
+        family.bin.display().to_string(),
+    ];
+    args.extend(family.args(0, &config, &admin_file));
+    let unshare = std::path::Path::new("/usr/bin/unshare");
+    ensure!(
+        unshare.is_file(),
+        "util-linux's unshare is needed for this test"
+    );
+    let mut container = Generation {
+        epoch: 0,
+        guard: ProcessGuard::spawn("unshare", unshare, &args, family.dir.path())?,
+        admin_file,
+    };
+    let admin = container.serving().await?;
+    let pid_one = pid_one_of(container.guard.id()).await?;
+    let status = std::fs::read_to_string(format!("/proc/{pid_one}/status"))?;
+    ensure!(
+        status
+            .lines()
+            .any(|l| l.starts_with("NSpid:") && l.trim_end().ends_with("\t1")),
+        "legate is not PID 1 of its namespace:\n{status}"
+    );
+    let main = listeners(admin)
+        .await?
+        .get("main")
+        .copied()
+        .context("main")?;
+    let load = Load::start(
+        main,
+        &Shape {
+            h1_connections: 2,
+            h2_connections: 1,
+            h2_streams: 2,
+            grpc_streams: 1,
+            grpc_stream_time: Duration::from_millis(500),
+            ..Shape::default()
+        },
+    );
+    let_load_run(&load, 50).await?;
+    for e in 1..=2 {
+        restart_to(admin, e, async || signal(pid_one, "-HUP")).await?;
+        let_load_run(&load, 50).await?;
+        ensure!(
+            container.guard.exited().is_none(),
+            "the container ended\n{}",
+            container.guard.output()
+        );
+    }
+    let counts = load.counts.clone();
+    let errors = load.stop().await;
+    println!("{}", counts.report());
+    ensure!(
+        counts.failures() == 0 && errors.is_empty(),
+        "{}\nfirst errors: {errors:#?}",
+        counts.report()
+    );
+    signal(pid_one, "-TERM")?;
+    let status = container.exit(DEADLINE).await?;
+    ensure!(status.success(), "the container exited with {status}");
+    Ok(())
+}
