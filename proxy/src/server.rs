@@ -266,7 +266,12 @@ pub async fn run(bootstrap: Bootstrap, opts: ServeOptions) -> anyhow::Result<Out
         while (runtime.active_connections() > 0 || runtime.hot_restart.parent_reporting())
             && Instant::now() < deadline
         {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // A stop meant for the whole proxy goes to a successor this process supervises.
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                _ = term.recv() => crate::hot_restart::supervisor::forward(&runtime, false),
+                _ = int.recv() => crate::hot_restart::supervisor::forward(&runtime, true),
+            }
         }
         outcome.successor = runtime.hot_restart.successor();
         let rt = runtime.clone();

@@ -164,6 +164,23 @@ pub fn request_restart(runtime: &Arc<Runtime>) -> Result<String, String> {
     Ok(format!("started epoch {epoch} (pid {})", pid.as_raw_pid()))
 }
 
+/// Forwards `SIGTERM` (or `SIGINT` when `interrupt`) to the successor this process started,
+/// while it drains before becoming its supervisor.
+pub fn forward(runtime: &Runtime, interrupt: bool) {
+    let Some(pid) = runtime
+        .hot_restart
+        .successor()
+        .and_then(|p| i32::try_from(p).ok())
+        .and_then(Pid::from_raw)
+    else {
+        return;
+    };
+    let sig = if interrupt { Signal::INT } else { Signal::TERM };
+    if let Err(e) = kill_process(pid, sig) {
+        tracing::warn!("cannot forward {sig:?} to the successor: {e}");
+    }
+}
+
 fn describe(status: rustix::process::WaitStatus) -> String {
     match (status.exit_status(), status.terminating_signal()) {
         (Some(code), _) => format!("exit code {code}"),
