@@ -30,9 +30,11 @@ pub async fn start(addr: SocketAddr, runtime: Arc<Runtime>) -> std::io::Result<S
     let mut handed_over = runtime.hot_restart.handed_over_signal();
     tokio::spawn(async move {
         loop {
+            // Once a successor took over, not one more connection: it owns the socket.
             let accepted = tokio::select! {
-                a = listener.accept() => a,
+                biased;
                 _ = handed_over.changed() => return,
+                a = listener.accept() => a,
             };
             let Ok((stream, _)) = accepted else {
                 continue;
@@ -141,7 +143,7 @@ fn handle(rt: &Arc<Runtime>, req: Request<Incoming>) -> Response<Full<Bytes>> {
         (_, "/server_info") => as_json(&json!({
             "version": format!("legate/{}", env!("CARGO_PKG_VERSION")),
             "state": if rt.is_draining() { "DRAINING" } else { "LIVE" },
-            "hot_restart_version": if rt.hot_restart.options.enabled { "legate.1" } else { "disabled" },
+            "hot_restart_version": if rt.hot_restart.is_available() { "legate.1" } else { "disabled" },
             "command_line_options": {
                 "concurrency": rt.concurrency,
                 "argv": rt.command_line,

@@ -208,10 +208,13 @@ pub async fn serve(
     let mut global = runtime.drain_signal();
     let local = socket.local_addr().ok();
     loop {
+        // Draining wins over a waiting connection: after a hot restart the successor,
+        // which shares the socket, accepts it.
         let accepted = tokio::select! {
-            a = socket.accept() => a,
+            biased;
             _ = global.changed() => break,
             _ = stop.changed() => break,
+            a = socket.accept() => a,
         };
         let (stream, remote) = match accepted {
             Ok(a) => a,

@@ -232,7 +232,7 @@ pub async fn run(bootstrap: Bootstrap, opts: ServeOptions) -> anyhow::Result<Out
     } else {
         write_admin_address()?;
     }
-    crate::hot_restart::parent::listen(&runtime)?;
+    crate::hot_restart::parent::listen_or_warn(&runtime);
     if child {
         write_admin_address()?;
     }

@@ -39,7 +39,7 @@ pub enum Error {
         socket: String,
         error: std::io::Error,
     },
-    #[error("cannot listen for a hot restart successor on {socket} (does another legate use this --base-id? set --base-id or --disable-hot-restart): {error}")]
+    #[error("cannot listen for a hot restart successor on {socket} (another legate with this --base-id? give each its own --base-id, or --disable-hot-restart): {error}")]
     Listen {
         socket: String,
         error: std::io::Error,
@@ -161,6 +161,8 @@ pub struct State {
     successor: Mutex<Option<u32>>,
     /// A child is talking to this process.
     busy: AtomicBool,
+    /// Hot restart is enabled and this process holds its domain socket.
+    available: AtomicBool,
     /// The parent still reports its counters (it has not exited yet).
     parent_reporting: AtomicBool,
     /// Tells the thread reporting to the child to send its last report.
@@ -171,6 +173,7 @@ pub struct State {
 
 impl State {
     pub fn new(options: Options) -> Self {
+        let enabled = options.enabled;
         Self {
             options,
             sockets: Mutex::new(Vec::new()),
@@ -181,6 +184,7 @@ impl State {
             handed_over: watch::channel(false).0,
             successor: Mutex::new(None),
             busy: AtomicBool::new(false),
+            available: AtomicBool::new(enabled),
             parent_reporting: AtomicBool::new(false),
             finish: Mutex::new(None),
             finished: Mutex::new(false),
@@ -299,6 +303,11 @@ impl State {
     /// Whether a successor took over.
     pub fn is_handed_over(&self) -> bool {
         *self.handed_over.borrow()
+    }
+
+    /// Whether this process can be hot restarted: enabled, and it holds its domain socket.
+    pub fn is_available(&self) -> bool {
+        self.available.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Whether the parent is still draining (and reporting its counters).

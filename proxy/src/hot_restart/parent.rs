@@ -19,8 +19,21 @@ const REPORT_EVERY: Duration = Duration::from_millis(200);
 /// How long a child may be silent while it takes over.
 const CHILD_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Listens on this epoch's domain socket, in a thread, for a successor.
-pub fn listen(runtime: &Arc<Runtime>) -> Result<(), Error> {
+/// Listens on this epoch's domain socket, in a thread, for a successor. When the socket is
+/// taken (another proxy with the same `--base-id` and epoch on this host), this process
+/// serves on without hot restart: it warns, and `SIGHUP` and `POST /hot_restart` are refused,
+/// so no successor of ours can ever reach the other proxy.
+pub fn listen_or_warn(runtime: &Arc<Runtime>) {
+    if let Err(e) = listen(runtime) {
+        runtime
+            .hot_restart
+            .available
+            .store(false, Ordering::Release);
+        tracing::warn!("{e}; this process cannot be hot restarted");
+    }
+}
+
+fn listen(runtime: &Arc<Runtime>) -> Result<(), Error> {
     let options = &runtime.hot_restart.options;
     if !options.enabled {
         return Ok(());

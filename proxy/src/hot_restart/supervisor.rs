@@ -83,6 +83,12 @@ fn check(runtime: &Runtime) -> Result<(), String> {
     if !state.options.enabled {
         return Err("hot restart is disabled (--disable-hot-restart)".into());
     }
+    if !state.is_available() {
+        return Err(format!(
+            "hot restart is unavailable: another process holds {}",
+            state.options.socket_name(state.options.epoch)
+        ));
+    }
     if state.is_handed_over() {
         return Err("this process already handed over".into());
     }
