@@ -134,6 +134,20 @@ impl Tally {
     }
 }
 
+/// No request may take longer than this (a hung request is a failure, not a hung test).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A client request bounded by [`REQUEST_TIMEOUT`]; a timeout reads as an error.
+async fn bounded<F, T>(request: F) -> Result<T, String>
+where
+    F: std::future::Future<Output = Result<T, hyper_util::client::legacy::Error>>,
+{
+    match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
+        Ok(r) => r.map_err(|e| format!("{e:?}")),
+        Err(_) => Err(format!("no response within {REQUEST_TIMEOUT:?}")),
+    }
+}
+
 /// Requests `/s` and `/e` in turn through `client` until `stop` (or `MAX_REQUESTS`).
 async fn load_loop(
     client: Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
@@ -156,33 +170,34 @@ async fn load_loop(
                 break;
             }
         };
-        let mut attempt = client.request(req).await;
+        let mut attempt = bounded(client.request(req)).await;
         if let Err(e) = &attempt {
             // A stream the server refused with GOAWAY was not processed: safe to retry. The
             // error comes from h2 (`GoAway(…, NO_ERROR, Remote)` or `REFUSED_STREAM`).
-            let text = format!("{e:?}");
+            let text = e.clone();
             if text.contains("GoAway(") || text.contains("REFUSED_STREAM") {
                 tally.refused_and_retried.fetch_add(1, Ordering::Relaxed);
                 let again = http::Request::get(format!("http://{addr}{path}"))
                     .header(http::header::HOST, "example.com")
                     .body(Empty::<Bytes>::new());
                 if let Ok(again) = again {
-                    attempt = client.request(again).await;
+                    attempt = bounded(client.request(again)).await;
                 }
             }
         }
         match attempt {
             Ok(resp) => {
                 let status = resp.status();
-                match resp.into_body().collect().await {
-                    Ok(_) if status == 200 => {
+                match tokio::time::timeout(REQUEST_TIMEOUT, resp.into_body().collect()).await {
+                    Ok(Ok(_)) if status == 200 => {
                         tally.ok.fetch_add(1, Ordering::Relaxed);
                     }
-                    Ok(_) => tally.fail(format!("{path}: status {status}")),
-                    Err(e) => tally.fail(format!("{path}: body: {e}")),
+                    Ok(Ok(_)) => tally.fail(format!("{path}: status {status}")),
+                    Ok(Err(e)) => tally.fail(format!("{path}: body: {e}")),
+                    Err(_) => tally.fail(format!("{path}: no body within {REQUEST_TIMEOUT:?}")),
                 }
             }
-            Err(e) => tally.fail(format!("{path}: {e:?}")),
+            Err(e) => tally.fail(format!("{path}: {e}")),
         }
     }
 }
