@@ -17,8 +17,8 @@ fi
 export ENVOY_BIN="$PWD/.venv/bin/envoy"
 "$ENVOY_BIN" --version
 
-echo "== building legate (and legate-hello, the example of a legate with a user filter)"
-cargo build -p legate-proxy -p legate-hello-filter
+echo "== building legate, legate-pilot and legate-hello (the example of a legate with a user filter)"
+cargo build -p legate-proxy -p legate-hello-filter -p legate-control-plane
 export LEGATE_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/legate"
 
 echo "== running the tests"
