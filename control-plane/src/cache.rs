@@ -11,10 +11,11 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 use crate::identity::ProxyGroup;
+use crate::identity::Role;
 use crate::metrics::Metrics;
 use crate::model::Model;
-use crate::snapshot::{Snapshot, SnapshotError};
-use crate::translate::{translate, TranslateOptions};
+use crate::snapshot::{SharedMesh, Snapshot, SnapshotError};
+use crate::translate::{group_resources_with, TranslateOptions};
 
 /// Errors from the cache.
 #[derive(Debug, thiserror::Error)]
@@ -30,12 +31,43 @@ pub enum CacheError {
 
 struct Inner {
     model: Arc<Model>,
+    /// The current model's mesh-wide clusters and assignments, encoded once for every group.
+    mesh: Arc<SharedMesh>,
     groups: HashMap<ProxyGroup, watch::Sender<Arc<Snapshot>>>,
     /// The next version handed to a changed resource type; shared by every group so a
     /// version string is never reused for different content.
     next_version: u64,
     /// The TLS entries of the current model that cannot be served (reported once each).
     tls_problems: BTreeSet<String>,
+}
+
+/// The mesh-wide resources of a model; a model whose service clusters collide (it cannot
+/// happen: names are unique per service and port) yields an empty mesh and every group's
+/// snapshot is then withheld as inconsistent.
+fn shared_mesh(model: &Model, options: &TranslateOptions) -> SharedMesh {
+    SharedMesh::new(model, options).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "the mesh's clusters cannot be encoded");
+        SharedMesh::default()
+    })
+}
+
+/// A group's own resources; a sidecar's outbound routes come encoded from the shared mesh.
+fn translate_group(
+    model: &Model,
+    mesh: &SharedMesh,
+    group: &ProxyGroup,
+    options: &TranslateOptions,
+) -> (
+    crate::translate::Resources,
+    Option<(String, crate::snapshot::Resource)>,
+) {
+    match group.role {
+        Role::Sidecar => (
+            group_resources_with(model, group, options, false),
+            Some(mesh.outbound_routes(model, group, options)),
+        ),
+        Role::Router => (group_resources_with(model, group, options, true), None),
+    }
 }
 
 /// The latest snapshot of every watched proxy group.
@@ -48,9 +80,11 @@ pub struct SnapshotCache {
 impl SnapshotCache {
     pub fn new(model: Arc<Model>, options: TranslateOptions, metrics: Arc<Metrics>) -> Self {
         let tls_problems = report_tls_problems(&model, &BTreeSet::new(), &metrics);
+        let mesh = Arc::new(shared_mesh(&model, &options));
         Self {
             inner: Mutex::new(Inner {
                 model,
+                mesh,
                 groups: HashMap::new(),
                 next_version: 1,
                 tls_problems,
@@ -66,14 +100,13 @@ impl SnapshotCache {
         if let Some(tx) = inner.groups.get(group) {
             return Ok(tx.subscribe());
         }
-        let resources = translate(&inner.model, group, &self.options);
+        let (resources, routes) = translate_group(&inner.model, &inner.mesh, group, &self.options);
         let version = inner.next_version;
-        let snapshot = Snapshot::build(&resources, None, version).map_err(|source| {
-            CacheError::Inconsistent {
+        let snapshot = Snapshot::build_shared(&inner.mesh, &resources, routes, None, version)
+            .map_err(|source| CacheError::Inconsistent {
                 group: group.to_string(),
                 source,
-            }
-        })?;
+            })?;
         inner.next_version += 1;
         self.metrics.inc(&self.metrics.snapshots_published);
         let (tx, rx) = watch::channel(Arc::new(snapshot));
@@ -87,15 +120,21 @@ impl SnapshotCache {
         let mut inner = self.inner.lock().map_err(|_| CacheError::Poisoned)?;
         self.metrics.inc(&self.metrics.model_updates);
         inner.tls_problems = report_tls_problems(&model, &inner.tls_problems, &self.metrics);
+        inner.mesh = Arc::new(shared_mesh(&model, &self.options));
         inner.model = model;
         inner.groups.retain(|_, tx| tx.receiver_count() > 0);
         let version = inner.next_version;
         let mut used = false;
-        let Inner { model, groups, .. } = &mut *inner;
+        let Inner {
+            model,
+            mesh,
+            groups,
+            ..
+        } = &mut *inner;
         for (group, tx) in groups.iter() {
-            let resources = translate(model, group, &self.options);
+            let (resources, routes) = translate_group(model, mesh, group, &self.options);
             let previous = tx.borrow().clone();
-            match Snapshot::build(&resources, Some(&previous), version) {
+            match Snapshot::build_shared(mesh, &resources, routes, Some(&previous), version) {
                 Ok(next) => {
                     let changed = next.changed_types(&previous);
                     if changed.is_empty() {
@@ -167,6 +206,35 @@ mod tests {
             "kind: Service\nmetadata: {{name: a}}\nspec: {{ports: [{{name: http, port: 80}}]}}\n---\nkind: EndpointSlice\nmetadata: {{name: a-1, labels: {{kubernetes.io/service-name: a}}}}\nports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: [{endpoint}]}}]\n"
         );
         Ok(Arc::new(Model::build(parse_manifests(&text)?)))
+    }
+
+    /// The shared path gives exactly what translating the group alone gives.
+    #[test]
+    fn shared_translation_matches_the_whole_translation() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let m = model("127.0.0.1")?;
+        let cache = SnapshotCache::new(m.clone(), TranslateOptions::default(), Arc::default());
+        for g in [group(15001), group(15002)] {
+            let shared = cache.watch(&g)?.borrow().clone();
+            let whole = Snapshot::build(
+                &crate::translate::translate(&m, &g, &TranslateOptions::default()),
+                None,
+                1,
+            )?;
+            for t in ResourceType::ORDER {
+                let a: Vec<_> = shared.get(t).resources.keys().collect();
+                let b: Vec<_> = whole.get(t).resources.keys().collect();
+                assert_eq!(a, b, "{t:?}");
+                for (k, r) in whole.get(t).resources.iter() {
+                    assert_eq!(
+                        shared.get(t).resources.get(k).map(|r| &r.any),
+                        Some(&r.any),
+                        "{t:?} {k}"
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
 
 use legate_proto::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType};
 use legate_proto::pb::envoy::config::core::v3::transport_socket::ConfigType as TransportSocketConfig;
@@ -116,17 +117,83 @@ pub struct Resource {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TypeSnapshot {
     pub version: String,
-    pub resources: BTreeMap<String, Resource>,
+    /// Shared (one allocation) between the groups whose resources of this type are the same
+    /// mesh-wide set.
+    pub resources: Arc<BTreeMap<String, Resource>>,
 }
 
 impl TypeSnapshot {
     fn same_content(&self, other: &TypeSnapshot) -> bool {
+        if Arc::ptr_eq(&self.resources, &other.resources) {
+            return true;
+        }
         self.resources.len() == other.resources.len()
             && self
                 .resources
                 .iter()
-                .zip(&other.resources)
+                .zip(other.resources.iter())
                 .all(|((a, ra), (b, rb))| a == b && ra.any.value == rb.any.value)
+    }
+}
+
+/// The mesh-wide part of every group's resources for one model version (a cluster and its
+/// assignment per service port), translated and encoded once and shared by every snapshot.
+#[derive(Debug, Default)]
+pub struct SharedMesh {
+    clusters: Arc<BTreeMap<String, Resource>>,
+    endpoints: Arc<BTreeMap<String, Resource>>,
+    cluster_names: BTreeSet<String>,
+    /// Sidecars' outbound route configurations, encoded once per (namespace, port).
+    outbound_routes: std::sync::Mutex<std::collections::HashMap<(String, u16), (String, Resource)>>,
+}
+
+impl SharedMesh {
+    pub fn new(
+        model: &crate::model::Model,
+        options: &crate::translate::TranslateOptions,
+    ) -> Result<Self, SnapshotError> {
+        let (clusters, endpoints) = crate::translate::mesh(model, options);
+        Ok(Self {
+            outbound_routes: Default::default(),
+            cluster_names: clusters.iter().map(|c| c.name.clone()).collect(),
+            clusters: Arc::new(encode("cluster", &clusters, |c| c.name.as_str())?),
+            endpoints: Arc::new(encode("cluster load assignment", &endpoints, |e| {
+                e.cluster_name.as_str()
+            })?),
+        })
+    }
+}
+
+impl SharedMesh {
+    /// A sidecar's outbound route configuration, encoded: translated for the first sidecar
+    /// of its namespace and port, shared by the others.
+    pub fn outbound_routes(
+        &self,
+        model: &crate::model::Model,
+        group: &crate::identity::ProxyGroup,
+        options: &crate::translate::TranslateOptions,
+    ) -> (String, Resource) {
+        let key = (group.namespace.clone(), group.listener_port);
+        if let Ok(memo) = self.outbound_routes.lock() {
+            if let Some(r) = memo.get(&key) {
+                return r.clone();
+            }
+        }
+        let routes = crate::translate::outbound_route_config(model, group, options);
+        let any = to_any(&routes);
+        let mut hasher = DefaultHasher::new();
+        any.value.hash(&mut hasher);
+        let entry = (
+            routes.name,
+            Resource {
+                any,
+                hash: hasher.finish(),
+            },
+        );
+        if let Ok(mut memo) = self.outbound_routes.lock() {
+            memo.insert(key, entry.clone());
+        }
+        entry
     }
 }
 
@@ -162,8 +229,21 @@ fn encode<M: Message + Name>(
 
 /// Checks that every reference between the resources resolves.
 pub fn check_consistent(resources: &Resources) -> Result<(), SnapshotError> {
-    let routes: BTreeSet<&str> = resources.routes.iter().map(|r| r.name.as_str()).collect();
-    let clusters: BTreeSet<&str> = resources.clusters.iter().map(|c| c.name.as_str()).collect();
+    check_consistent_with(resources, &BTreeSet::new(), None)
+}
+
+/// [`check_consistent`] for a group's own resources, which may also name the clusters of
+/// the shared mesh (`mesh_clusters`; each has its assignment by construction) and a shared
+/// route configuration (`shared_route`, whose clusters are the mesh's).
+fn check_consistent_with(
+    resources: &Resources,
+    mesh_clusters: &BTreeSet<String>,
+    shared_route: Option<&str>,
+) -> Result<(), SnapshotError> {
+    let mut routes: BTreeSet<&str> = resources.routes.iter().map(|r| r.name.as_str()).collect();
+    routes.extend(shared_route);
+    let mut clusters: BTreeSet<&str> = resources.clusters.iter().map(|c| c.name.as_str()).collect();
+    clusters.extend(mesh_clusters.iter().map(String::as_str));
     let secrets: BTreeSet<&str> = resources.secrets.iter().map(|s| s.name.as_str()).collect();
     let assignments: BTreeSet<&str> = resources
         .endpoints
@@ -270,16 +350,89 @@ impl Snapshot {
     ) -> Result<Snapshot, SnapshotError> {
         check_consistent(resources)?;
         let encoded = [
-            encode("cluster", &resources.clusters, |c| c.name.as_str())?,
-            encode("cluster load assignment", &resources.endpoints, |e| {
-                e.cluster_name.as_str()
-            })?,
-            encode("listener", &resources.listeners, |l| l.name.as_str())?,
-            encode("route configuration", &resources.routes, |r| {
+            Arc::new(encode("cluster", &resources.clusters, |c| c.name.as_str())?),
+            Arc::new(encode(
+                "cluster load assignment",
+                &resources.endpoints,
+                |e| e.cluster_name.as_str(),
+            )?),
+            Arc::new(encode("listener", &resources.listeners, |l| {
+                l.name.as_str()
+            })?),
+            Arc::new(encode("route configuration", &resources.routes, |r| {
                 r.name.as_str()
-            })?,
-            encode("secret", &resources.secrets, |s| s.name.as_str())?,
+            })?),
+            Arc::new(encode("secret", &resources.secrets, |s| s.name.as_str())?),
         ];
+        Ok(Self::assemble(encoded, previous, version))
+    }
+
+    /// A group's snapshot from the shared mesh and the group's own resources
+    /// ([`crate::translate::group_resources`]): the mesh's encoded clusters and assignments
+    /// are shared, not copied, unless the group adds its own (a sidecar's inbound clusters).
+    pub fn build_shared(
+        mesh: &SharedMesh,
+        own: &Resources,
+        shared_routes: Option<(String, Resource)>,
+        previous: Option<&Snapshot>,
+        version: u64,
+    ) -> Result<Snapshot, SnapshotError> {
+        check_consistent_with(
+            own,
+            &mesh.cluster_names,
+            shared_routes.as_ref().map(|(n, _)| n.as_str()),
+        )?;
+        let merge = |kind: &'static str,
+                     shared: &Arc<BTreeMap<String, Resource>>,
+                     extra: BTreeMap<String, Resource>|
+         -> Result<Arc<BTreeMap<String, Resource>>, SnapshotError> {
+            if extra.is_empty() {
+                return Ok(shared.clone());
+            }
+            let mut all = BTreeMap::clone(shared);
+            for (name, r) in extra {
+                if all.insert(name.clone(), r).is_some() {
+                    return Err(SnapshotError::Duplicate { kind, name });
+                }
+            }
+            Ok(Arc::new(all))
+        };
+        let encoded = [
+            merge(
+                "cluster",
+                &mesh.clusters,
+                encode("cluster", &own.clusters, |c| c.name.as_str())?,
+            )?,
+            merge(
+                "cluster load assignment",
+                &mesh.endpoints,
+                encode("cluster load assignment", &own.endpoints, |e| {
+                    e.cluster_name.as_str()
+                })?,
+            )?,
+            Arc::new(encode("listener", &own.listeners, |l| l.name.as_str())?),
+            {
+                let mut routes = encode("route configuration", &own.routes, |r| r.name.as_str())?;
+                if let Some((name, r)) = shared_routes {
+                    if routes.insert(name.clone(), r).is_some() {
+                        return Err(SnapshotError::Duplicate {
+                            kind: "route configuration",
+                            name,
+                        });
+                    }
+                }
+                Arc::new(routes)
+            },
+            Arc::new(encode("secret", &own.secrets, |s| s.name.as_str())?),
+        ];
+        Ok(Self::assemble(encoded, previous, version))
+    }
+
+    fn assemble(
+        encoded: [Arc<BTreeMap<String, Resource>>; ResourceType::COUNT],
+        previous: Option<&Snapshot>,
+        version: u64,
+    ) -> Snapshot {
         let mut snapshot = Snapshot::default();
         for (t, resources) in ResourceType::ORDER.into_iter().zip(encoded) {
             let mut next = TypeSnapshot {
@@ -293,7 +446,7 @@ impl Snapshot {
             }
             snapshot.types[t.index()] = next;
         }
-        Ok(snapshot)
+        snapshot
     }
 
     pub fn get(&self, t: ResourceType) -> &TypeSnapshot {

@@ -137,7 +137,21 @@ pub fn is_http(port: &ServicePort) -> bool {
 
 /// Translates the model for one proxy group.
 pub fn translate(model: &Model, group: &ProxyGroup, options: &TranslateOptions) -> Resources {
-    let mut resources = Resources::default();
+    let (clusters, endpoints) = mesh(model, options);
+    let mut resources = group_resources(model, group, options);
+    resources.clusters.splice(0..0, clusters);
+    resources.endpoints = endpoints;
+    resources
+}
+
+/// What every proxy gets alike, whoever it is: a cluster and its ClusterLoadAssignment per
+/// service port. Translated (and encoded, see [`crate::snapshot::SharedMesh`]) once per model.
+pub fn mesh(
+    model: &Model,
+    options: &TranslateOptions,
+) -> (Vec<Cluster>, Vec<ClusterLoadAssignment>) {
+    let mut clusters = Vec::new();
+    let mut endpoints = Vec::new();
     for service in model.services.values() {
         let fqdn = fqdn(service, options);
         for port in service
@@ -146,12 +160,28 @@ pub fn translate(model: &Model, group: &ProxyGroup, options: &TranslateOptions) 
             .filter(|p| p.protocol.eq_ignore_ascii_case("TCP"))
         {
             let name = cluster_name(port.port, &fqdn);
-            resources.clusters.push(cluster(&name, port));
-            resources
-                .endpoints
-                .push(load_assignment(&name, model, service, port));
+            clusters.push(cluster(&name, port));
+            endpoints.push(load_assignment(&name, model, service, port));
         }
     }
+    (clusters, endpoints)
+}
+
+/// What depends on the proxy: its listeners and routes, its inbound clusters, its secrets.
+pub fn group_resources(model: &Model, group: &ProxyGroup, options: &TranslateOptions) -> Resources {
+    group_resources_with(model, group, options, true)
+}
+
+/// [`group_resources`], leaving out a sidecar's outbound route configuration when
+/// `outbound_routes` is false (the cache shares it between the sidecars of a namespace; see
+/// [`outbound_route_config`]).
+pub fn group_resources_with(
+    model: &Model,
+    group: &ProxyGroup,
+    options: &TranslateOptions,
+    outbound_routes: bool,
+) -> Resources {
+    let mut resources = Resources::default();
     match group.role {
         Role::Sidecar => {
             let route_name = group.listener_port.to_string();
@@ -160,9 +190,11 @@ pub fn translate(model: &Model, group: &ProxyGroup, options: &TranslateOptions) 
                 group.listener_port,
                 &route_name,
             ));
-            resources
-                .routes
-                .push(outbound_routes(&route_name, model, group, options));
+            if outbound_routes {
+                resources
+                    .routes
+                    .push(outbound_route_config(model, group, options));
+            }
             let inbound = crate::inbound::translate(model, group, options);
             resources.clusters.extend(inbound.clusters);
             resources.listeners.push(inbound.listener);
@@ -372,6 +404,16 @@ pub(crate) fn with_port(host: &str, port: u16) -> String {
     } else {
         format!("{host}:{port}")
     }
+}
+
+/// A sidecar's outbound route configuration (named by its outbound port). It depends only on
+/// the model, the sidecar's namespace and that port.
+pub fn outbound_route_config(
+    model: &Model,
+    group: &ProxyGroup,
+    options: &TranslateOptions,
+) -> RouteConfiguration {
+    outbound_routes(&group.listener_port.to_string(), model, group, options)
 }
 
 fn outbound_routes(
