@@ -94,6 +94,30 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     }
 }
 
+/// The stream's next response. Meanwhile, warming that waited too long ends, and the
+/// descriptors are dropped once updates have been quiet for [`CONFIG_MEMORY_IDLE`].
+async fn next_response<T>(
+    inbound: &mut tonic::Streaming<T>,
+    state: &mut State,
+    release_at: &mut Option<tokio::time::Instant>,
+) -> Result<T, StreamError> {
+    loop {
+        let deadline = state.next_deadline().map(tokio::time::Instant::from_std);
+        tokio::select! {
+            m = inbound.message() => {
+                let r = m?.ok_or(StreamError::Closed)?;
+                *release_at = Some(tokio::time::Instant::now() + CONFIG_MEMORY_IDLE);
+                return Ok(r);
+            }
+            _ = sleep_until_opt(deadline) => state.tick(),
+            _ = sleep_until_opt(*release_at) => {
+                *release_at = None;
+                crate::memory::release_config_memory();
+            }
+        }
+    }
+}
+
 async fn connect(cluster: &Cluster) -> Result<Channel, StreamError> {
     let host = cluster
         .balancer()
@@ -261,23 +285,7 @@ async fn sotw(
     tracing::info!("xDS: state-of-the-world ADS stream open");
     let mut release_at: Option<tokio::time::Instant> = None;
     loop {
-        let deadline = state.next_deadline().map(tokio::time::Instant::from_std);
-        let resp: DiscoveryResponse = tokio::select! {
-            m = inbound.message() => match m? {
-                Some(r) => r,
-                None => return Err(StreamError::Closed),
-            },
-            _ = sleep_until_opt(deadline) => {
-                state.tick();
-                continue;
-            }
-            _ = sleep_until_opt(release_at) => {
-                release_at = None;
-                crate::memory::release_config_memory();
-                continue;
-            }
-        };
-        release_at = Some(tokio::time::Instant::now() + CONFIG_MEMORY_IDLE);
+        let resp: DiscoveryResponse = next_response(&mut inbound, state, &mut release_at).await?;
         *progressed = true;
         let Some(kind) = Kind::from_type_url(&resp.type_url) else {
             let _ = tx.send(DiscoveryRequest {
@@ -400,23 +408,8 @@ async fn delta(
     tracing::info!("xDS: delta ADS stream open");
     let mut release_at: Option<tokio::time::Instant> = None;
     loop {
-        let deadline = state.next_deadline().map(tokio::time::Instant::from_std);
-        let resp: DeltaDiscoveryResponse = tokio::select! {
-            m = inbound.message() => match m? {
-                Some(r) => r,
-                None => return Err(StreamError::Closed),
-            },
-            _ = sleep_until_opt(deadline) => {
-                state.tick();
-                continue;
-            }
-            _ = sleep_until_opt(release_at) => {
-                release_at = None;
-                crate::memory::release_config_memory();
-                continue;
-            }
-        };
-        release_at = Some(tokio::time::Instant::now() + CONFIG_MEMORY_IDLE);
+        let resp: DeltaDiscoveryResponse =
+            next_response(&mut inbound, state, &mut release_at).await?;
         *progressed = true;
         let Some(kind) = Kind::from_type_url(&resp.type_url) else {
             let _ = tx.send(DeltaDiscoveryRequest {
