@@ -21,3 +21,4 @@ pub mod upstream;
 pub mod xds;
 
 mod observe;
+pub mod wait;

@@ -62,23 +62,12 @@ fn pilot_bin() -> Result<PathBuf> {
 }
 
 /// Polls `f` until it returns `Ok(Some(_))`, or fails with the last error after `DEADLINE`.
-async fn eventually<T, F, Fut>(what: &str, mut f: F) -> Result<T>
+async fn eventually<T, F, Fut>(what: &str, f: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<Option<T>>>,
 {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let last = match f().await {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => "not yet".to_string(),
-            Err(e) => format!("{e:#}"),
-        };
-        if Instant::now() > deadline {
-            bail!("{what}: not reached within {DEADLINE:?} (last: {last})");
-        }
-        tokio::time::sleep(POLL).await;
-    }
+    legate_tests::wait::eventually_within(what, DEADLINE, POLL, f).await
 }
 
 /// A running pilot; killed when dropped.
