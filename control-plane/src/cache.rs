@@ -44,8 +44,12 @@ struct Inner {
 /// The mesh-wide resources of a model; a model whose service clusters collide (it cannot
 /// happen: names are unique per service and port) yields an empty mesh and every group's
 /// snapshot is then withheld as inconsistent.
-fn shared_mesh(model: &Model, options: &TranslateOptions) -> SharedMesh {
-    SharedMesh::new(model, options).unwrap_or_else(|e| {
+fn shared_mesh(
+    model: &Model,
+    options: &TranslateOptions,
+    previous: Option<&SharedMesh>,
+) -> SharedMesh {
+    SharedMesh::new(model, options, previous).unwrap_or_else(|e| {
         tracing::error!(error = %e, "the mesh's clusters cannot be encoded");
         SharedMesh::default()
     })
@@ -80,7 +84,7 @@ pub struct SnapshotCache {
 impl SnapshotCache {
     pub fn new(model: Arc<Model>, options: TranslateOptions, metrics: Arc<Metrics>) -> Self {
         let tls_problems = report_tls_problems(&model, &BTreeSet::new(), &metrics);
-        let mesh = Arc::new(shared_mesh(&model, &options));
+        let mesh = Arc::new(shared_mesh(&model, &options, None));
         Self {
             inner: Mutex::new(Inner {
                 model,
@@ -120,7 +124,7 @@ impl SnapshotCache {
         let mut inner = self.inner.lock().map_err(|_| CacheError::Poisoned)?;
         self.metrics.inc(&self.metrics.model_updates);
         inner.tls_problems = report_tls_problems(&model, &inner.tls_problems, &self.metrics);
-        inner.mesh = Arc::new(shared_mesh(&model, &self.options));
+        inner.mesh = Arc::new(shared_mesh(&model, &self.options, Some(&inner.mesh)));
         inner.model = model;
         inner.groups.retain(|_, tx| tx.receiver_count() > 0);
         let version = inner.next_version;

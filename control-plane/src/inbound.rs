@@ -49,7 +49,8 @@ pub fn translate(model: &Model, group: &ProxyGroup, options: &TranslateOptions) 
     let ip = group.ip.to_string();
     let mut clusters: BTreeMap<u16, Cluster> = BTreeMap::new();
     let mut virtual_hosts = Vec::new();
-    for service in model.services.values() {
+    // Only the services whose endpoints list the proxy's IP can have a port here.
+    for service in model.services_with_address(&ip) {
         let hosts = host_names(service, group, options);
         let http_ports: Vec<_> = service.ports.iter().filter(|p| is_http(p)).collect();
         let default_port = http_ports

@@ -14,6 +14,7 @@ pub mod gateway;
 pub mod identity;
 pub mod inbound;
 pub mod kube;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod registry;

@@ -194,6 +194,10 @@ async fn main() -> Result<()> {
         shutdown_rx.clone(),
     ));
 
+    tokio::spawn(legate_control_plane::memory::run(
+        metrics.clone(),
+        shutdown_rx.clone(),
+    ));
     let ads = AdsServer::new(cache, registry, metrics, shutdown_rx.clone());
     let server = tonic::transport::Server::builder()
         .add_service(AggregatedDiscoveryServiceServer::new(ads))

@@ -5,7 +5,7 @@
 //! from Kubernetes manifests; [`Model::build`] turns a set of them into one immutable model.
 //! Translation only ever reads a `Model`, so it never knows where the objects came from.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -202,6 +202,13 @@ pub struct Model {
     pub secrets: BTreeMap<(String, String), Secret>,
     /// Keyed by (namespace, name).
     pub pods: BTreeMap<(String, String), Pod>,
+    /// The keys of each service's EndpointSlices, by (namespace, service name): translation
+    /// looks slices up per service and per proxy, so a scan of every slice would make it
+    /// quadratic in the size of the mesh.
+    slices_by_service: HashMap<(String, String), Vec<(String, String)>>,
+    /// The services (namespace, name) with an EndpointSlice listing an address, by address:
+    /// what a sidecar's inbound side serves.
+    services_by_address: HashMap<String, BTreeSet<(String, String)>>,
 }
 
 impl Model {
@@ -240,7 +247,34 @@ impl Model {
                 }
             }
         }
+        for (key, slice) in &model.endpoint_slices {
+            let Some(service) = &slice.service else {
+                continue;
+            };
+            let owner = (slice.namespace.clone(), service.clone());
+            for address in slice.endpoints.iter().flat_map(|e| e.addresses.iter()) {
+                model
+                    .services_by_address
+                    .entry(address.clone())
+                    .or_default()
+                    .insert(owner.clone());
+            }
+            model
+                .slices_by_service
+                .entry(owner)
+                .or_default()
+                .push(key.clone());
+        }
         model
+    }
+
+    /// The services (namespace, name) that an EndpointSlice lists `address` for, in order.
+    pub fn services_with_address(&self, address: &str) -> impl Iterator<Item = &Service> {
+        self.services_by_address
+            .get(address)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| self.services.get(key))
     }
 
     /// The secret `name` in `namespace`.
@@ -267,9 +301,11 @@ impl Model {
         &'a self,
         service: &'a Service,
     ) -> impl Iterator<Item = &'a EndpointSlice> {
-        self.endpoint_slices.values().filter(move |s| {
-            s.namespace == service.namespace && s.service.as_deref() == Some(service.name.as_str())
-        })
+        self.slices_by_service
+            .get(&(service.namespace.clone(), service.name.clone()))
+            .into_iter()
+            .flatten()
+            .filter_map(|key| self.endpoint_slices.get(key))
     }
 }
 

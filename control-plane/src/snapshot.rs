@@ -106,11 +106,23 @@ pub enum SnapshotError {
     BadTransportSocket { listener: String, reason: String },
 }
 
-/// One encoded resource; `hash` is its per-resource version.
+/// One encoded resource; `hash` is its per-resource version. The encoding is shared by
+/// every snapshot that holds the resource.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resource {
-    pub any: Any,
+    pub any: Arc<Any>,
     pub hash: u64,
+}
+
+impl Resource {
+    pub fn new(any: Any) -> Self {
+        let mut hasher = DefaultHasher::new();
+        any.value.hash(&mut hasher);
+        Self {
+            any: Arc::new(any),
+            hash: hasher.finish(),
+        }
+    }
 }
 
 /// The resources of one type and their version.
@@ -127,14 +139,35 @@ impl TypeSnapshot {
         if Arc::ptr_eq(&self.resources, &other.resources) {
             return true;
         }
-        self.resources.len() == other.resources.len()
-            && self
-                .resources
-                .iter()
-                .zip(other.resources.iter())
-                .all(|((a, ra), (b, rb))| a == b && ra.any.value == rb.any.value)
+        same_resources(&self.resources, &other.resources)
     }
 }
+
+/// Whether two sets of encoded resources are the same: names and hashes first (a change
+/// shows there, without reading every resource's bytes), then the bytes themselves.
+fn same_resources(a: &BTreeMap<String, Resource>, b: &BTreeMap<String, Resource>) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b.iter())
+            .all(|((na, ra), (nb, rb))| ra.hash == rb.hash && na == nb)
+        && a.values()
+            .zip(b.values())
+            .all(|(ra, rb)| ra.any.value == rb.any.value)
+}
+
+/// `next`, or `previous` when it has the same content, so that unchanged resources stay one
+/// allocation from model to model and comparing them is a pointer comparison.
+fn keep_if_same(
+    next: BTreeMap<String, Resource>,
+    previous: Option<&Arc<BTreeMap<String, Resource>>>,
+) -> Arc<BTreeMap<String, Resource>> {
+    match previous {
+        Some(p) if same_resources(p, &next) => p.clone(),
+        _ => Arc::new(next),
+    }
+}
+
+impl TypeSnapshot {}
 
 /// The mesh-wide part of every group's resources for one model version (a cluster and its
 /// assignment per service port), translated and encoded once and shared by every snapshot.
@@ -148,18 +181,27 @@ pub struct SharedMesh {
 }
 
 impl SharedMesh {
+    /// Translates and encodes the mesh of `model`; what did not change since `previous`
+    /// keeps `previous`'s allocation.
     pub fn new(
         model: &crate::model::Model,
         options: &crate::translate::TranslateOptions,
+        previous: Option<&SharedMesh>,
     ) -> Result<Self, SnapshotError> {
         let (clusters, endpoints) = crate::translate::mesh(model, options);
         Ok(Self {
             outbound_routes: Default::default(),
             cluster_names: clusters.iter().map(|c| c.name.clone()).collect(),
-            clusters: Arc::new(encode("cluster", &clusters, |c| c.name.as_str())?),
-            endpoints: Arc::new(encode("cluster load assignment", &endpoints, |e| {
-                e.cluster_name.as_str()
-            })?),
+            clusters: keep_if_same(
+                encode("cluster", &clusters, |c| c.name.as_str())?,
+                previous.map(|p| &p.clusters),
+            ),
+            endpoints: keep_if_same(
+                encode("cluster load assignment", &endpoints, |e| {
+                    e.cluster_name.as_str()
+                })?,
+                previous.map(|p| &p.endpoints),
+            ),
         })
     }
 }
@@ -180,16 +222,8 @@ impl SharedMesh {
             }
         }
         let routes = crate::translate::outbound_route_config(model, group, options);
-        let any = to_any(&routes);
-        let mut hasher = DefaultHasher::new();
-        any.value.hash(&mut hasher);
-        let entry = (
-            routes.name,
-            Resource {
-                any,
-                hash: hasher.finish(),
-            },
-        );
+        let resource = Resource::new(to_any(&routes));
+        let entry = (routes.name, resource);
         if let Ok(mut memo) = self.outbound_routes.lock() {
             memo.insert(key, entry.clone());
         }
@@ -210,13 +244,7 @@ fn encode<M: Message + Name>(
 ) -> Result<BTreeMap<String, Resource>, SnapshotError> {
     let mut out = BTreeMap::new();
     for item in items {
-        let any = to_any(item);
-        let mut hasher = DefaultHasher::new();
-        any.value.hash(&mut hasher);
-        let resource = Resource {
-            any,
-            hash: hasher.finish(),
-        };
+        let resource = Resource::new(to_any(item));
         if out.insert(name(item).to_string(), resource).is_some() {
             return Err(SnapshotError::Duplicate {
                 kind,

@@ -11,14 +11,16 @@
 //! - a request with a stale nonce is not an ACK, but its subscription changes are honoured;
 //! - a NACK (`error_detail`) is recorded and the same content is not resent.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Instant;
 
 use legate_proto::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as DeltaResource,
 };
+use legate_proto::pb::google::protobuf::Any;
 
-use crate::snapshot::{ResourceType, Snapshot, TypeSnapshot};
+use crate::snapshot::{Resource, ResourceType, Snapshot, TypeSnapshot};
 use crate::xds::stream::{RequestOutcome, TypeStatus};
 
 /// The per-resource version string sent to proxies.
@@ -31,11 +33,15 @@ struct DeltaType {
     requested: bool,
     wildcard: bool,
     names: BTreeSet<String>,
-    /// Name → version the proxy holds (as far as we know).
-    known: BTreeMap<String, String>,
-    /// Names to answer even if unchanged (just subscribed, or forced).
+    /// Name → per-resource hash the proxy holds (as far as we know); `None` for a version
+    /// that is not one of ours (from `initial_resource_versions`), which never matches.
+    known: HashMap<String, Option<u64>>,
+    /// Names to answer even if unchanged (just subscribed, or a cluster to warm).
     resend: BTreeSet<String>,
-    force_all: bool,
+    /// The snapshot resources `known` is known to equal the selection of.
+    synced: Option<Arc<BTreeMap<String, Resource>>>,
+    /// The names the latest response of this type changed or added.
+    last_changed: Vec<String>,
     /// The nonce of the un-ACKed response and when it was sent.
     pending: Option<(String, Instant)>,
     nack: Option<String>,
@@ -46,13 +52,29 @@ struct DeltaType {
 }
 
 impl DeltaType {
-    fn selected<'a>(&self, snapshot: &'a TypeSnapshot) -> BTreeMap<&'a str, String> {
-        snapshot
-            .resources
-            .iter()
-            .filter(|(name, _)| self.wildcard || self.names.contains(name.as_str()))
-            .map(|(name, r)| (name.as_str(), resource_version(r.hash)))
-            .collect()
+    fn selects(&self, name: &str) -> bool {
+        self.wildcard || self.names.contains(name)
+    }
+
+    fn is_synced_with(&self, latest: &TypeSnapshot) -> bool {
+        self.synced
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(s, &latest.resources))
+    }
+
+    /// Whether the proxy holds exactly the selection of `latest`.
+    fn holds(&self, latest: &TypeSnapshot) -> bool {
+        if self.is_synced_with(latest) {
+            return true;
+        }
+        let mut count = 0;
+        for (name, r) in latest.resources.iter().filter(|(n, _)| self.selects(n)) {
+            if self.known.get(name.as_str()) != Some(&Some(r.hash)) {
+                return false;
+            }
+            count += 1;
+        }
+        count == self.known.len()
     }
 }
 
@@ -81,7 +103,8 @@ impl DeltaState {
         state.requested = true;
         if first {
             for (name, version) in &req.initial_resource_versions {
-                state.known.insert(name.clone(), version.clone());
+                let hash = u64::from_str_radix(version, 16).ok();
+                state.known.insert(name.clone(), hash);
             }
             // Legacy wildcard: the first LDS/CDS request names nothing.
             if t.is_wildcard() && req.resource_names_subscribe.is_empty() {
@@ -95,6 +118,9 @@ impl DeltaState {
                 state.names.insert(name.clone());
                 state.resend.insert(name.clone());
             }
+        }
+        if !req.resource_names_subscribe.is_empty() || !req.resource_names_unsubscribe.is_empty() {
+            state.synced = None;
         }
         for name in &req.resource_names_unsubscribe {
             if name == "*" {
@@ -147,42 +173,53 @@ impl DeltaState {
             return None;
         }
         let latest = snapshot.get(t);
-        let selected = state.selected(latest);
-        let mut resources = Vec::new();
-        for (name, version) in &selected {
-            let changed = state.known.get(*name) != Some(version);
-            if changed || state.force_all || state.resend.contains(*name) {
-                if let Some(r) = latest.resources.get(*name) {
-                    resources.push(DeltaResource {
-                        name: (*name).to_string(),
-                        version: version.clone(),
-                        resource: Some(r.any.clone()),
-                        ..Default::default()
-                    });
-                }
-            }
-        }
-        let removed: Vec<String> = state
-            .known
-            .keys()
-            .chain(state.resend.iter())
-            .filter(|n| !selected.contains_key(n.as_str()))
-            .cloned()
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        if resources.is_empty() && removed.is_empty() && state.sent_once {
-            state.force_all = false;
+        if state.sent_once && state.resend.is_empty() && state.is_synced_with(latest) {
             return None;
         }
+        let mut resources = Vec::new();
+        let mut known_selected = 0;
+        for (name, r) in latest.resources.iter().filter(|(n, _)| state.selects(n)) {
+            let known = state.known.get(name.as_str());
+            if known.is_some() {
+                known_selected += 1;
+            }
+            if known != Some(&Some(r.hash)) || state.resend.contains(name) {
+                resources.push(DeltaResource {
+                    name: name.clone(),
+                    version: resource_version(r.hash),
+                    resource: Some(Any::clone(&r.any)),
+                    ..Default::default()
+                });
+            }
+        }
+        // What the proxy holds or asked for that the snapshot does not have (or that it no
+        // longer subscribes to).
+        let mut removed = Vec::new();
+        if known_selected != state.known.len() || !state.resend.is_empty() {
+            let gone = |n: &&String| !(state.selects(n) && latest.resources.contains_key(*n));
+            let set: BTreeSet<&String> = state
+                .known
+                .keys()
+                .filter(gone)
+                .chain(state.resend.iter().filter(gone))
+                .collect();
+            removed = set.into_iter().cloned().collect();
+        }
+        state.synced = Some(latest.resources.clone());
+        if resources.is_empty() && removed.is_empty() && state.sent_once {
+            state.resend.clear();
+            return None;
+        }
+        state.last_changed.clear();
         for r in &resources {
-            state.known.insert(r.name.clone(), r.version.clone());
+            let hash = latest.resources.get(&r.name).map(|x| x.hash);
+            state.known.insert(r.name.clone(), hash);
+            state.last_changed.push(r.name.clone());
         }
         for name in &removed {
             state.known.remove(name);
         }
         state.resend.clear();
-        state.force_all = false;
         state.sent_once = true;
         self.next_nonce += 1;
         let nonce = self.next_nonce.to_string();
@@ -198,9 +235,15 @@ impl DeltaState {
         })
     }
 
-    /// Resends every selected resource of `t` with the next response.
-    pub fn force(&mut self, t: ResourceType) {
-        self.types[t.index()].force_all = true;
+    /// Resends the assignments of the clusters the latest CDS response changed or added
+    /// with the next EDS response, so that those clusters finish warming.
+    pub fn warm_changed_clusters(&mut self) {
+        let changed = self.types[ResourceType::Cluster.index()]
+            .last_changed
+            .clone();
+        let eds = &mut self.types[ResourceType::Endpoint.index()];
+        let wanted: Vec<String> = changed.into_iter().filter(|n| eds.selects(n)).collect();
+        eds.resend.extend(wanted);
     }
 
     pub fn subscribed(&self, t: ResourceType) -> bool {
@@ -211,9 +254,7 @@ impl DeltaState {
     pub fn status(&self, t: ResourceType, snapshot: &Snapshot) -> TypeStatus {
         let state = &self.types[t.index()];
         let latest = snapshot.get(t);
-        let selected = state.selected(latest);
-        let holds_latest = selected.len() == state.known.len()
-            && selected.iter().all(|(n, v)| state.known.get(*n) == Some(v));
+        let holds_latest = state.holds(latest);
         let pending = state.pending.is_some();
         TypeStatus {
             subscribed: state.requested,

@@ -42,7 +42,8 @@ pub trait Protocol: Send + Sync + 'static {
     fn describe(resp: &Self::Response) -> (&str, usize);
     fn on_request(&mut self, req: &Self::Request) -> (Option<ResourceType>, RequestOutcome);
     fn next_response(&mut self, t: ResourceType, snapshot: &Snapshot) -> Option<Self::Response>;
-    fn force(&mut self, t: ResourceType);
+    /// Resends the assignments of the clusters the latest CDS response changed or added.
+    fn warm_changed_clusters(&mut self);
     fn subscribed(&self, t: ResourceType) -> bool;
     fn status(&self, t: ResourceType, snapshot: &Snapshot) -> TypeStatus;
 }
@@ -66,8 +67,8 @@ impl Protocol for StreamState {
     fn next_response(&mut self, t: ResourceType, snapshot: &Snapshot) -> Option<DiscoveryResponse> {
         StreamState::next_response(self, t, snapshot)
     }
-    fn force(&mut self, t: ResourceType) {
-        StreamState::force(self, t)
+    fn warm_changed_clusters(&mut self) {
+        StreamState::warm_changed_clusters(self)
     }
     fn subscribed(&self, t: ResourceType) -> bool {
         StreamState::subscribed(self, t)
@@ -103,8 +104,8 @@ impl Protocol for DeltaState {
     ) -> Option<DeltaDiscoveryResponse> {
         DeltaState::next_response(self, t, snapshot)
     }
-    fn force(&mut self, t: ResourceType) {
-        DeltaState::force(self, t)
+    fn warm_changed_clusters(&mut self) {
+        DeltaState::warm_changed_clusters(self)
     }
     fn subscribed(&self, t: ResourceType) -> bool {
         DeltaState::subscribed(self, t)
@@ -359,7 +360,7 @@ impl<P: Protocol + Default> StreamTask<P> {
                     .await
                     .map_err(|_| StreamEnd::Closed)?;
                 if t == ResourceType::Cluster && session.state.subscribed(ResourceType::Endpoint) {
-                    session.state.force(ResourceType::Endpoint);
+                    session.state.warm_changed_clusters();
                     eds_forced = true;
                 }
             }

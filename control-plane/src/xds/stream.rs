@@ -11,13 +11,15 @@
 //! - LDS/CDS subscriptions are wildcard while the proxy sends empty `resource_names` from its
 //!   first request on; after an explicit subscription, an empty list unsubscribes from all.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use legate_proto::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use legate_proto::pb::google::protobuf::Any;
 use serde::Serialize;
 
-use crate::snapshot::{ResourceType, Snapshot, TypeSnapshot};
+use crate::snapshot::{Resource, ResourceType, Snapshot, TypeSnapshot};
 
 /// What the proxy subscribed to for one type.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -46,17 +48,21 @@ impl Subscription {
         self.names = names.iter().filter(|n| *n != "*").cloned().collect();
     }
 
-    /// The resources of `snapshot` this subscription selects, by name.
+    /// Whether the subscription selects the resource `name`.
+    fn selects(&self, name: &str) -> bool {
+        self.wildcard || self.names.contains(name)
+    }
+
+    /// The resources of `snapshot` this subscription selects, in name order.
     fn select<'a>(
-        &self,
+        &'a self,
         snapshot: &'a TypeSnapshot,
-    ) -> BTreeMap<&'a str, &'a crate::snapshot::Resource> {
+    ) -> impl Iterator<Item = (&'a str, &'a Resource)> + 'a {
         snapshot
             .resources
             .iter()
-            .filter(|(name, _)| self.wildcard || self.names.contains(name.as_str()))
+            .filter(|(name, _)| self.selects(name))
             .map(|(name, r)| (name.as_str(), r))
-            .collect()
     }
 }
 
@@ -64,8 +70,6 @@ impl Subscription {
 struct Sent {
     version: String,
     nonce: String,
-    /// Name → per-resource hash of what was sent.
-    content: BTreeMap<String, u64>,
     at: Instant,
 }
 
@@ -88,18 +92,52 @@ pub enum RequestOutcome {
     UnknownType(String),
 }
 
+type Resources = Arc<BTreeMap<String, Resource>>;
+
 /// One type's state on a stream.
 #[derive(Debug, Clone, Default)]
 struct TypeState {
     sub: Subscription,
     sent: Option<Sent>,
+    /// Name → per-resource hash of what the proxy holds of its subscription, as far as we
+    /// know (what was sent, whether or not it was ACKed: a NACKed version is not resent).
+    held: HashMap<String, u64>,
+    /// The snapshot resources `held` is known to equal the selection of: the fast path that
+    /// spares comparing every resource when nothing changed.
+    synced: Option<Resources>,
     /// Waiting for the ACK/NACK of `sent`.
     pending: bool,
     acked_version: Option<String>,
     nack: Option<String>,
-    /// Send even when the content is unchanged (EDS after a CDS push: Envoy warms a cluster
-    /// only when a new ClusterLoadAssignment arrives).
-    force: bool,
+    /// Names to send even when unchanged (EDS after a CDS push: Envoy warms an updated
+    /// cluster only when a new ClusterLoadAssignment arrives for it).
+    force: BTreeSet<String>,
+    /// The names whose content the latest response of this type changed or added.
+    last_changed: Vec<String>,
+}
+
+impl TypeState {
+    fn is_synced_with(&self, latest: &TypeSnapshot) -> bool {
+        self.synced
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(s, &latest.resources))
+    }
+
+    /// Whether the proxy holds exactly the selection of `latest` (compared resource by
+    /// resource, without allocating).
+    fn holds(&self, latest: &TypeSnapshot) -> bool {
+        if self.is_synced_with(latest) {
+            return true;
+        }
+        let mut count = 0;
+        for (name, r) in self.sub.select(latest) {
+            if self.held.get(name) != Some(&r.hash) {
+                return false;
+            }
+            count += 1;
+        }
+        count == self.held.len()
+    }
 }
 
 /// What `/debug/syncz` reports for one type.
@@ -165,11 +203,25 @@ impl StreamState {
             // A reconnecting proxy tells us what it already has.
             state.acked_version = Some(req.version_info.clone());
         }
+        let before = (state.sub.wildcard, state.sub.names.len());
         state.sub.update(t, &req.resource_names);
+        if before != (state.sub.wildcard, state.sub.names.len())
+            || !state.held.keys().all(|n| state.sub.selects(n))
+        {
+            // A proxy forgets what it unsubscribed from; it must be sent again if asked.
+            let sub = &state.sub;
+            state.held.retain(|n, _| sub.selects(n));
+            state.force.retain(|n| sub.selects(n));
+            state.synced = None;
+        }
         (Some(t), outcome)
     }
 
-    /// The response due for `t`, if any; records it as sent.
+    /// The response due for `t`, if any; records it as sent. LDS and CDS responses carry
+    /// the whole state of the world; an EDS, RDS or SDS response carries only the resources
+    /// the proxy does not hold yet in their latest version (the protocol lets a proxy keep
+    /// what a response leaves out of these types), so an endpoint change sends one
+    /// assignment, not the mesh's.
     pub fn next_response(
         &mut self,
         t: ResourceType,
@@ -180,38 +232,92 @@ impl StreamState {
             return None;
         }
         let latest = snapshot.get(t);
-        let selected = state.sub.select(latest);
-        let content: BTreeMap<String, u64> = selected
-            .iter()
-            .map(|(name, r)| ((*name).to_string(), r.hash))
-            .collect();
-        if let Some(sent) = &state.sent {
-            if sent.content == content && !state.force {
-                return None;
+        let first = state.sent.is_none();
+        if !first && state.force.is_empty() && state.is_synced_with(latest) {
+            return None;
+        }
+        let mut changed: Vec<(&str, &Resource)> = Vec::new();
+        let mut held_selected = 0;
+        for (name, r) in state.sub.select(latest) {
+            match state.held.get(name) {
+                Some(hash) => {
+                    held_selected += 1;
+                    if *hash != r.hash || state.force.contains(name) {
+                        changed.push((name, r));
+                    }
+                }
+                None => changed.push((name, r)),
             }
         }
+        // The proxy holds resources the snapshot no longer has.
+        let removed = held_selected != state.held.len();
+        if removed && !t.is_wildcard() {
+            // A partial response cannot remove them: they stay with the proxy until it
+            // unsubscribes. Forget them here so that they are sent again if they return.
+            let resources = &latest.resources;
+            state.held.retain(|n, _| resources.contains_key(n));
+        }
+        // A new version whose changes are all outside the proxy's subscription is still
+        // announced, in a response without resources (which changes nothing on the proxy's
+        // side for these types), so that the version it ACKs is the latest.
+        let new_version = state
+            .sent
+            .as_ref()
+            .is_some_and(|s| s.version != latest.version);
+        let due = first || !changed.is_empty() || new_version || (removed && t.is_wildcard());
+        if !due {
+            // Nothing new for the proxy; a NACKed version is never resent.
+            state.synced = Some(latest.resources.clone());
+            return None;
+        }
+        let resources = if t.is_wildcard() {
+            // State of the world: everything selected, and the proxy drops the rest.
+            state.held = state
+                .sub
+                .select(latest)
+                .map(|(n, r)| (n.to_string(), r.hash))
+                .collect();
+            state
+                .sub
+                .select(latest)
+                .map(|(_, r)| Any::clone(&r.any))
+                .collect()
+        } else {
+            for (name, r) in &changed {
+                state.held.insert((*name).to_string(), r.hash);
+            }
+            changed.iter().map(|(_, r)| Any::clone(&r.any)).collect()
+        };
+        state.last_changed = changed.iter().map(|(n, _)| (*n).to_string()).collect();
+        state.synced = Some(latest.resources.clone());
         self.next_nonce += 1;
         let nonce = self.next_nonce.to_string();
-        state.force = false;
+        state.force.clear();
         state.pending = true;
         state.sent = Some(Sent {
             version: latest.version.clone(),
             nonce: nonce.clone(),
-            content,
             at: Instant::now(),
         });
         Some(DiscoveryResponse {
             version_info: latest.version.clone(),
-            resources: selected.values().map(|r| r.any.clone()).collect(),
+            resources,
             type_url: t.type_url().to_string(),
             nonce,
             ..Default::default()
         })
     }
 
-    /// Asks for the next `t` response to be sent even if its content is unchanged.
-    pub fn force(&mut self, t: ResourceType) {
-        self.types[t.index()].force = true;
+    /// Asks for the assignments of the clusters the latest CDS response changed or added to
+    /// be sent with the next EDS response even if unchanged, so that those clusters finish
+    /// warming (the cluster's and its assignment's names are the same here).
+    pub fn warm_changed_clusters(&mut self) {
+        let changed = self.types[ResourceType::Cluster.index()]
+            .last_changed
+            .clone();
+        let eds = &mut self.types[ResourceType::Endpoint.index()];
+        let wanted: Vec<String> = changed.into_iter().filter(|n| eds.sub.selects(n)).collect();
+        eds.force.extend(wanted);
     }
 
     /// Whether `t` was subscribed.
@@ -224,16 +330,11 @@ impl StreamState {
     pub fn status(&self, t: ResourceType, snapshot: &Snapshot) -> TypeStatus {
         let state = &self.types[t.index()];
         let latest = snapshot.get(t);
-        let current: BTreeMap<String, u64> = state
-            .sub
-            .select(latest)
-            .iter()
-            .map(|(n, r)| ((*n).to_string(), r.hash))
-            .collect();
         let in_sync = !state.sub.requested
             || (!state.pending
                 && state.nack.is_none()
-                && state.sent.as_ref().is_some_and(|s| s.content == current));
+                && state.sent.is_some()
+                && state.holds(latest));
         TypeStatus {
             subscribed: state.sub.requested,
             sent_version: state.sent.as_ref().map(|s| s.version.clone()),
@@ -253,6 +354,7 @@ mod tests {
     use crate::model::{parse_manifests, Model};
     use crate::translate::{translate, TranslateOptions};
     use legate_proto::pb::google::rpc::Status;
+    use prost::Message;
 
     fn snapshot(
         endpoint: &str,
@@ -402,25 +504,97 @@ mod tests {
     }
 
     #[test]
-    fn forced_eds_is_resent_with_the_same_content() -> Result<(), Box<dyn std::error::Error>> {
+    fn eds_is_partial_and_changed_clusters_are_warmed() -> Result<(), Box<dyn std::error::Error>> {
+        const A: &str = "outbound|80||a.default.svc.cluster.local";
         let s1 = snapshot("10.0.0.1", 1, None)?;
         let mut st = StreamState::new();
-        st.on_request(&request(
-            EDS,
-            &["outbound|80||a.default.svc.cluster.local"],
-            "",
-            "",
-        ));
+        st.on_request(&request(CDS, &[], "", ""));
+        let cds = st.next_response(CDS, &s1).ok_or("no CDS")?;
+        st.on_request(&request(CDS, &[], "1", &cds.nonce));
+        st.on_request(&request(EDS, &[A, "outbound|80||ghost"], "", ""));
         let r = st.next_response(EDS, &s1).ok_or("no response")?;
-        st.on_request(&request(
-            EDS,
-            &["outbound|80||a.default.svc.cluster.local"],
-            "1",
-            &r.nonce,
-        ));
+        assert_eq!(r.resources.len(), 1);
+        st.on_request(&request(EDS, &[A, "outbound|80||ghost"], "1", &r.nonce));
+        assert!(st.status(EDS, &s1).in_sync);
         assert!(st.next_response(EDS, &s1).is_none());
-        st.force(EDS);
-        assert!(st.next_response(EDS, &s1).is_some());
+        // Warming resends the assignment of a cluster the CDS response carried.
+        st.warm_changed_clusters();
+        let warm = st.next_response(EDS, &s1).ok_or("not warmed")?;
+        assert_eq!(warm.resources.len(), 1);
+        st.on_request(&request(EDS, &[A, "outbound|80||ghost"], "1", &warm.nonce));
+        // An unsubscribed name is forgotten; subscribing again sends it again.
+        st.on_request(&request(EDS, &["outbound|80||ghost"], "1", &warm.nonce));
+        assert!(st.next_response(EDS, &s1).is_none(), "nothing to send");
+        st.on_request(&request(EDS, &[A, "outbound|80||ghost"], "1", &warm.nonce));
+        let again = st
+            .next_response(EDS, &s1)
+            .ok_or("resubscription not answered")?;
+        assert_eq!(again.resources.len(), 1);
+        Ok(())
+    }
+
+    /// Services `a` (endpoint `a_ip`) and `b` (10.0.0.9).
+    fn two_services(
+        a_ip: &str,
+        version: u64,
+        prev: Option<&Snapshot>,
+    ) -> Result<Snapshot, Box<dyn std::error::Error>> {
+        let mut text = String::new();
+        for (name, ip) in [("a", a_ip), ("b", "10.0.0.9")] {
+            text.push_str(&format!(
+                "kind: Service\nmetadata: {{name: {name}}}\nspec: {{ports: [{{name: http, port: 80}}]}}\n---\nkind: EndpointSlice\nmetadata: {{name: {name}-1, labels: {{kubernetes.io/service-name: {name}}}}}\nports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: [{ip}]}}]\n---\n"
+            ));
+        }
+        let group = ProxyGroup {
+            role: Role::Sidecar,
+            ip: std::net::IpAddr::from([127, 0, 0, 1]),
+            namespace: "default".into(),
+            listener_port: 15001,
+            inbound_port: 15006,
+            https_port: 8443,
+        };
+        let r = translate(
+            &Model::build(parse_manifests(&text)?),
+            &group,
+            &TranslateOptions::default(),
+        );
+        Ok(Snapshot::build(&r, prev, version)?)
+    }
+
+    #[test]
+    fn an_endpoint_change_sends_only_its_assignment() -> Result<(), Box<dyn std::error::Error>> {
+        const A: &str = "outbound|80||a.default.svc.cluster.local";
+        const B: &str = "outbound|80||b.default.svc.cluster.local";
+        let s1 = two_services("10.0.0.1", 1, None)?;
+        let mut st = StreamState::new();
+        st.on_request(&request(EDS, &[A, B], "", ""));
+        let r = st.next_response(EDS, &s1).ok_or("no response")?;
+        assert_eq!(r.resources.len(), 2);
+        st.on_request(&request(EDS, &[A, B], "1", &r.nonce));
+        let s2 = two_services("10.0.0.2", 2, Some(&s1))?;
+        let r2 = st.next_response(EDS, &s2).ok_or("change not pushed")?;
+        assert_eq!(r2.version_info, "2");
+        let names: Vec<String> = r2
+            .resources
+            .iter()
+            .filter_map(|a| {
+                legate_proto::pb::envoy::config::endpoint::v3::ClusterLoadAssignment::decode(
+                    a.value.as_slice(),
+                )
+                .ok()
+            })
+            .map(|c| c.cluster_name)
+            .collect();
+        assert_eq!(names, [A]);
+        st.on_request(&request(EDS, &[A, B], "2", &r2.nonce));
+        assert!(st.status(EDS, &s2).in_sync);
+        // A change to a resource the proxy did not subscribe to is announced without resources.
+        st.on_request(&request(EDS, &[B], "2", &r2.nonce));
+        let s3 = two_services("10.0.0.3", 3, Some(&s2))?;
+        let r3 = st
+            .next_response(EDS, &s3)
+            .ok_or("new version not announced")?;
+        assert!(r3.resources.is_empty() && r3.version_info == "3");
         Ok(())
     }
 }
