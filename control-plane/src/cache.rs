@@ -121,6 +121,17 @@ impl SnapshotCache {
     /// Installs a new model and republishes every group whose resources changed. A group
     /// whose new resources are inconsistent keeps its previous snapshot (and it is logged).
     pub fn set_model(&self, model: Arc<Model>) -> Result<(), CacheError> {
+        self.set_model_seen_at(model, None)
+    }
+
+    /// [`Self::set_model`] for a change first seen at `seen_at`: the snapshots it publishes
+    /// carry that instant, so that streams can time the proxies' convergence.
+    pub fn set_model_seen_at(
+        &self,
+        model: Arc<Model>,
+        seen_at: Option<std::time::Instant>,
+    ) -> Result<(), CacheError> {
+        let started = std::time::Instant::now();
         let mut inner = self.inner.lock().map_err(|_| CacheError::Poisoned)?;
         self.metrics.inc(&self.metrics.model_updates);
         inner.tls_problems = report_tls_problems(&model, &inner.tls_problems, &self.metrics);
@@ -128,7 +139,8 @@ impl SnapshotCache {
         inner.model = model;
         inner.groups.retain(|_, tx| tx.receiver_count() > 0);
         let version = inner.next_version;
-        let mut used = false;
+        let mesh_done = started.elapsed();
+        let mut published = 0;
         let Inner {
             model,
             mesh,
@@ -144,10 +156,10 @@ impl SnapshotCache {
                     if changed.is_empty() {
                         continue;
                     }
-                    used = true;
-                    tracing::info!(group = %group, version, changed = ?changed.iter().map(|t| t.short_name()).collect::<Vec<_>>(), "publishing snapshot");
+                    published += 1;
+                    tracing::debug!(group = %group, version, changed = ?changed.iter().map(|t| t.short_name()).collect::<Vec<_>>(), "publishing snapshot");
                     self.metrics.inc(&self.metrics.snapshots_published);
-                    tx.send_replace(Arc::new(next));
+                    tx.send_replace(Arc::new(next.seen_at(seen_at)));
                 }
                 Err(error) => {
                     self.metrics.inc(&self.metrics.snapshots_inconsistent);
@@ -155,9 +167,17 @@ impl SnapshotCache {
                 }
             }
         }
-        if used {
+        if published > 0 {
             inner.next_version += 1;
         }
+        tracing::info!(
+            version,
+            groups = inner.groups.len(),
+            published,
+            mesh_ms = mesh_done.as_secs_f64() * 1e3,
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            "model translated"
+        );
         Ok(())
     }
 

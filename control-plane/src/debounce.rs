@@ -41,7 +41,7 @@ pub async fn run(
             }
         }
         let model = models.borrow_and_update().clone();
-        if let Err(error) = cache.set_model(model) {
+        if let Err(error) = cache.set_model_seen_at(model, Some(first)) {
             tracing::error!(%error, "updating the snapshot cache");
         }
     }

@@ -5,8 +5,67 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::snapshot::ResourceType;
 
+/// A Prometheus histogram of durations with fixed buckets.
+#[derive(Debug)]
+pub struct Histogram {
+    /// Upper bounds in seconds; the last bucket (`+Inf`) is implicit.
+    bounds: &'static [f64],
+    /// Observations per bucket (not cumulative), `bounds.len() + 1` of them.
+    buckets: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+}
+
+/// Convergence takes from milliseconds to, under load, seconds.
+const CONVERGENCE_BOUNDS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, elapsed: std::time::Duration) {
+        let seconds = elapsed.as_secs_f64();
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| seconds <= *b)
+            .unwrap_or(self.bounds.len());
+        if let Some(bucket) = self.buckets.get(i) {
+            bucket.fetch_add(1, Ordering::Relaxed);
+        }
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// How many observations there were.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let le = self
+                .bounds
+                .get(i)
+                .map_or_else(|| "+Inf".to_string(), |b| b.to_string());
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum:.6}\n{name}_count {cumulative}");
+    }
+}
+
 /// The control plane's counters. Cheap to update from any task.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     /// Responses sent, per resource type (indexed by [`ResourceType::index`]).
     pub pushes: [AtomicU64; ResourceType::COUNT],
@@ -26,6 +85,26 @@ pub struct Metrics {
     pub snapshots_published: AtomicU64,
     /// Snapshots withheld because they were not consistent.
     pub snapshots_inconsistent: AtomicU64,
+    /// From a change of the model being seen to a proxy it concerns being in sync with it.
+    pub convergence: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            pushes: Default::default(),
+            acks: Default::default(),
+            nacks: Default::default(),
+            push_ack_micros: AtomicU64::new(0),
+            push_ack_count: AtomicU64::new(0),
+            streams_total: AtomicU64::new(0),
+            model_updates: AtomicU64::new(0),
+            config_errors: AtomicU64::new(0),
+            snapshots_published: AtomicU64::new(0),
+            snapshots_inconsistent: AtomicU64::new(0),
+            convergence: Histogram::new(CONVERGENCE_BOUNDS),
+        }
+    }
 }
 
 impl Metrics {
@@ -78,6 +157,11 @@ impl Metrics {
              pilot_xds_push_ack_seconds_sum {:.6}\npilot_xds_push_ack_seconds_count {}",
             get(&self.push_ack_micros) as f64 / 1e6,
             get(&self.push_ack_count)
+        );
+        self.convergence.render(
+            &mut out,
+            "pilot_proxy_convergence_seconds",
+            "From a model change being seen (before debounce) to a proxy it concerns being in sync with every type it changed.",
         );
         for (name, help, counter) in [
             (

@@ -143,16 +143,14 @@ impl TypeSnapshot {
     }
 }
 
-/// Whether two sets of encoded resources are the same: names and hashes first (a change
-/// shows there, without reading every resource's bytes), then the bytes themselves.
+/// Whether two sets of encoded resources are the same. A resource's hash covers its whole
+/// encoding, its name included, so equal hashes stand for equal resources (a 64-bit hash:
+/// the chance that a change goes unnoticed is 2^-64), and no resource's bytes are read.
 fn same_resources(a: &BTreeMap<String, Resource>, b: &BTreeMap<String, Resource>) -> bool {
     a.len() == b.len()
-        && a.iter()
-            .zip(b.iter())
-            .all(|((na, ra), (nb, rb))| ra.hash == rb.hash && na == nb)
         && a.values()
             .zip(b.values())
-            .all(|(ra, rb)| ra.any.value == rb.any.value)
+            .all(|(ra, rb)| ra.hash == rb.hash)
 }
 
 /// `next`, or `previous` when it has the same content, so that unchanged resources stay one
@@ -235,6 +233,9 @@ impl SharedMesh {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
     types: [TypeSnapshot; ResourceType::COUNT],
+    /// When the model change this snapshot answers was first seen (None for a proxy
+    /// group's first snapshot).
+    seen_at: Option<std::time::Instant>,
 }
 
 fn encode<M: Message + Name>(
@@ -469,12 +470,25 @@ impl Snapshot {
             };
             if let Some(prev) = previous.map(|p| p.get(t)) {
                 if prev.same_content(&next) {
-                    next.version = prev.version.clone();
+                    // Unchanged: the previous allocation stays, so that streams see at once
+                    // (by pointer) that there is nothing to send.
+                    next = prev.clone();
                 }
             }
             snapshot.types[t.index()] = next;
         }
         snapshot
+    }
+
+    /// The snapshot, marked as answering a model change first seen at `at`.
+    pub fn seen_at(mut self, at: Option<std::time::Instant>) -> Self {
+        self.seen_at = at;
+        self
+    }
+
+    /// When the model change this snapshot answers was first seen.
+    pub fn change_seen_at(&self) -> Option<std::time::Instant> {
+        self.seen_at
     }
 
     pub fn get(&self, t: ResourceType) -> &TypeSnapshot {

@@ -54,6 +54,9 @@ struct Args {
     changes: usize,
     #[arg(long, default_value_t = 100)]
     debounce_ms: u64,
+    /// Write legate-pilot's log here (it is discarded otherwise).
+    #[arg(long)]
+    pilot_log: Option<PathBuf>,
     /// Write every figure here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -108,6 +111,7 @@ fn write(path: &Path, text: &str) -> Result<()> {
 struct Pilot {
     child: Child,
     xds: String,
+    admin: String,
 }
 
 impl Drop for Pilot {
@@ -131,6 +135,7 @@ fn rss_kb(pid: u32) -> u64 {
 
 async fn start_pilot(args: &Args, dir: &Path) -> Result<Pilot> {
     let xds_file = dir.join("xds.addr");
+    let admin_file = dir.join("admin.addr");
     let child = Command::new(&args.pilot)
         .arg("--config-dir")
         .arg(dir.join("manifests"))
@@ -142,22 +147,34 @@ async fn start_pilot(args: &Args, dir: &Path) -> Result<Pilot> {
         ])
         .arg("--xds-address-path")
         .arg(&xds_file)
+        .arg("--admin-address-path")
+        .arg(&admin_file)
         .args(["--debounce-ms", &args.debounce_ms.to_string()])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(match &args.pilot_log {
+            Some(path) => Stdio::from(std::fs::File::create(path)?),
+            None => Stdio::null(),
+        })
         .spawn()
         .with_context(|| format!("starting {}", args.pilot.display()))?;
     let mut pilot = Pilot {
         child,
         xds: String::new(),
+        admin: String::new(),
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Ok(text) = std::fs::read_to_string(&xds_file) {
-            if !text.trim().is_empty() {
-                pilot.xds = text.trim().to_string();
-                return Ok(pilot);
-            }
+        let read = |f: &Path| {
+            std::fs::read_to_string(f)
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        let (xds, admin) = (read(&xds_file), read(&admin_file));
+        if !xds.is_empty() && !admin.is_empty() {
+            pilot.xds = xds;
+            pilot.admin = admin;
+            return Ok(pilot);
         }
         if Instant::now() > deadline {
             bail!("legate-pilot wrote no xDS address within 60 s");
@@ -168,7 +185,7 @@ async fn start_pilot(args: &Args, dir: &Path) -> Result<Pilot> {
 
 enum Event {
     /// A client had its first full push, this long after its stream opened.
-    FirstFull(Duration),
+    FirstFull(Duration, usize),
     /// A client ACKs endpoints of this generation, at this time.
     Generation(usize, Instant),
     Failed(usize, String),
@@ -216,7 +233,10 @@ async fn run_client(i: usize, xds: &str, events: &mpsc::UnboundedSender<Event>) 
     let mut seen: BTreeSet<&'static str> = BTreeSet::new();
     let mut full = false;
     let mut last_generation = 0;
+    // The largest response (encoded bytes) of the first full push.
+    let mut largest = 0;
     while let Some(resp) = inbound.message().await? {
+        largest = largest.max(resp.encoded_len());
         let DiscoveryResponse {
             type_url,
             version_info,
@@ -308,10 +328,51 @@ async fn run_client(i: usize, xds: &str, events: &mpsc::UnboundedSender<Event>) 
         seen.insert(t);
         if !full && seen.len() == 4 {
             full = true;
-            events.send(Event::FirstFull(started.elapsed()))?;
+            events.send(Event::FirstFull(started.elapsed(), largest))?;
         }
     }
     Err(anyhow!("stream closed"))
+}
+
+/// The pilot's own view of convergence, from its `/metrics` histogram
+/// `pilot_proxy_convergence_seconds`: (count, mean, upper bound of the bucket holding p99).
+async fn pilot_convergence(admin: &str) -> Result<(u64, f64, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect(admin),
+    )
+    .await??;
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: pilot\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut body = String::new();
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_string(&mut body)).await??;
+    let name = "pilot_proxy_convergence_seconds";
+    let mut buckets: Vec<(String, u64)> = Vec::new();
+    let (mut sum, mut count) = (0.0, 0u64);
+    for line in body.lines() {
+        let Some((key, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        if let Some(le) = key
+            .strip_prefix(&format!("{name}_bucket{{le=\""))
+            .and_then(|r| r.strip_suffix("\"}"))
+        {
+            buckets.push((le.to_string(), value.parse()?));
+        } else if key == format!("{name}_sum") {
+            sum = value.parse()?;
+        } else if key == format!("{name}_count") {
+            count = value.parse()?;
+        }
+    }
+    let target = (count as f64 * 0.99).ceil() as u64;
+    let p99 = buckets
+        .iter()
+        .find(|(_, c)| *c >= target)
+        .map(|(le, _)| le.clone())
+        .unwrap_or_default();
+    let mean = if count > 0 { sum / count as f64 } else { 0.0 };
+    Ok((count, mean, p99))
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -352,10 +413,14 @@ async fn run(args: &Args, dir: &Path, manifests: &Path) -> Result<()> {
         tokio::spawn(client(i, pilot.xds.clone(), events_tx.clone()));
     }
     let mut first: Vec<Duration> = Vec::new();
+    let mut largest = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
     while first.len() < args.clients {
         match tokio::time::timeout_at(deadline, events.recv()).await {
-            Ok(Some(Event::FirstFull(d))) => first.push(d),
+            Ok(Some(Event::FirstFull(d, size))) => {
+                first.push(d);
+                largest = largest.max(size);
+            }
             Ok(Some(Event::Failed(i, e))) => bail!("client {i}: {e}"),
             Ok(Some(Event::Generation(..))) => {}
             Ok(None) | Err(_) => bail!(
@@ -401,6 +466,7 @@ async fn run(args: &Args, dir: &Path, manifests: &Path) -> Result<()> {
         change_max.push(acked.last().copied().unwrap_or_default());
     }
     let rss_end = rss_kb(pid);
+    let (conv_count, conv_mean, conv_p99) = pilot_convergence(&pilot.admin).await?;
     // legate-pilot hands freed memory back once pushes have been quiet for 2 s.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rss_rest = rss_kb(pid);
@@ -421,12 +487,20 @@ async fn run(args: &Args, dir: &Path, manifests: &Path) -> Result<()> {
         ms(all_full)
     );
     println!(
+        "  largest response of a first push: {:.0} KB",
+        largest as f64 / 1024.0
+    );
+    println!(
         "  endpoint change → every client's ACK ({} changes; medians over changes): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (worst change p99 {:.0} ms)",
         args.changes,
         ms(percentile(&change_p50, 0.5)),
         ms(percentile(&change_p99, 0.5)),
         ms(percentile(&change_max, 0.5)),
         ms(change_p99.last().copied().unwrap_or_default())
+    );
+    println!(
+        "  the pilot's own convergence (change seen → proxy in sync, {conv_count} proxy convergences): mean {:.0} ms, p99 ≤ {conv_p99} s",
+        conv_mean * 1000.0
     );
     println!(
         "  control plane RSS: {:.1} MB after the first push, {:.1} MB after the changes, {:.1} MB at rest 5 s later",
@@ -441,10 +515,13 @@ async fn run(args: &Args, dir: &Path, manifests: &Path) -> Result<()> {
             "changes": args.changes, "debounce_ms": args.debounce_ms,
             "first_full_push_ms": first.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
             "all_clients_served_ms": ms(all_full),
+            "largest_first_push_response_bytes": largest,
             "change_p50_ms": change_p50.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
             "change_p99_ms": change_p99.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
             "change_max_ms": change_max.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
-            "pilot_rss_kb_after_push": rss_after_push, "pilot_rss_kb_end": rss_end, "pilot_rss_kb_rest": rss_rest,
+            "pilot_rss_kb_after_push": rss_after_push, "pilot_convergence_count": conv_count, "pilot_convergence_mean_ms": conv_mean * 1000.0,
+            "pilot_convergence_p99_bucket_s": conv_p99,
+            "pilot_rss_kb_end": rss_end, "pilot_rss_kb_rest": rss_rest,
         });
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;
     }

@@ -11,7 +11,7 @@
 //! - a request with a stale nonce is not an ACK, but its subscription changes are honoured;
 //! - a NACK (`error_detail`) is recorded and the same content is not resent.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -32,7 +32,7 @@ pub fn resource_version(hash: u64) -> String {
 struct DeltaType {
     requested: bool,
     wildcard: bool,
-    names: BTreeSet<String>,
+    names: HashSet<String>,
     /// Name → per-resource hash the proxy holds (as far as we know); `None` for a version
     /// that is not one of ours (from `initial_resource_versions`), which never matches.
     known: HashMap<String, Option<u64>>,

@@ -213,6 +213,9 @@ struct Session<P> {
     connected_at: u64,
     state: P,
     snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// When the model change behind the latest snapshot was seen, until the proxy is in
+    /// sync with it (then observed as its convergence time).
+    converging: Option<std::time::Instant>,
 }
 
 impl<P: Protocol + Default> StreamTask<P> {
@@ -262,6 +265,7 @@ impl<P: Protocol + Default> StreamTask<P> {
             connected_at: ProxyRegistry::connected_at_now(),
             state: P::default(),
             snapshots,
+            converging: None,
         };
         self.handle_request(&mut session, &first).await?;
         loop {
@@ -275,6 +279,10 @@ impl<P: Protocol + Default> StreamTask<P> {
                         return Err(StreamEnd::Shutdown);
                     }
                     let snapshot = session.snapshots.borrow_and_update().clone();
+                    if let Some(seen) = snapshot.change_seen_at() {
+                        // A proxy still converging on an earlier change keeps that start.
+                        session.converging.get_or_insert(seen);
+                    }
                     self.push(&mut session, &snapshot, &ResourceType::ORDER).await?;
                 }
                 _ = shutdown.changed() => return Err(StreamEnd::Shutdown),
@@ -369,7 +377,7 @@ impl<P: Protocol + Default> StreamTask<P> {
         Ok(())
     }
 
-    fn report(&self, session: &Session<P>) {
+    fn report(&self, session: &mut Session<P>) {
         let snapshot = session.snapshots.borrow().clone();
         let types: BTreeMap<&'static str, _> = ResourceType::ORDER
             .into_iter()
@@ -377,6 +385,11 @@ impl<P: Protocol + Default> StreamTask<P> {
             .map(|t| (t.short_name(), session.state.status(t, &snapshot)))
             .collect();
         let in_sync = types.values().all(|s| s.in_sync);
+        if in_sync {
+            if let Some(seen) = session.converging.take() {
+                self.metrics.convergence.observe(seen.elapsed());
+            }
+        }
         self.registry.update(ProxyStatus {
             stream: self.id,
             node_id: session.node_id.clone(),

@@ -11,7 +11,7 @@
 //! - LDS/CDS subscriptions are wildcard while the proxy sends empty `resource_names` from its
 //!   first request on; after an explicit subscription, an empty list unsubscribes from all.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,23 +29,34 @@ pub struct Subscription {
     pub wildcard: bool,
     /// Wildcard by the legacy rule (empty names from the first request on).
     legacy_wildcard: bool,
-    pub names: BTreeSet<String>,
+    /// A hash set: every request repeats the whole list (an ACK of a mesh's endpoints names
+    /// every cluster), and every response looks each resource up in it.
+    pub names: HashSet<String>,
 }
 
 impl Subscription {
-    /// Applies the `resource_names` of a request.
-    pub fn update(&mut self, t: ResourceType, names: &[String]) {
+    /// Applies the `resource_names` of a request; returns whether the subscription changed.
+    pub fn update(&mut self, t: ResourceType, names: &[String]) -> bool {
         let first = !self.requested;
         self.requested = true;
+        let before = (self.wildcard, self.legacy_wildcard);
         if names.is_empty() {
+            let had_names = !self.names.is_empty();
             self.names.clear();
             self.legacy_wildcard = t.is_wildcard() && (first || self.legacy_wildcard);
             self.wildcard = self.legacy_wildcard;
-            return;
+            return first || had_names || before != (self.wildcard, self.legacy_wildcard);
         }
         self.legacy_wildcard = false;
         self.wildcard = names.iter().any(|n| n == "*");
-        self.names = names.iter().filter(|n| *n != "*").cloned().collect();
+        let explicit = names.iter().filter(|n| *n != "*");
+        // Usually the same list again (an ACK): compare before rebuilding.
+        let same = explicit.clone().count() == self.names.len()
+            && explicit.clone().all(|n| self.names.contains(n));
+        if !same {
+            self.names = explicit.cloned().collect();
+        }
+        first || !same || before != (self.wildcard, self.legacy_wildcard)
     }
 
     /// Whether the subscription selects the resource `name`.
@@ -203,11 +214,7 @@ impl StreamState {
             // A reconnecting proxy tells us what it already has.
             state.acked_version = Some(req.version_info.clone());
         }
-        let before = (state.sub.wildcard, state.sub.names.len());
-        state.sub.update(t, &req.resource_names);
-        if before != (state.sub.wildcard, state.sub.names.len())
-            || !state.held.keys().all(|n| state.sub.selects(n))
-        {
+        if state.sub.update(t, &req.resource_names) {
             // A proxy forgets what it unsubscribed from; it must be sent again if asked.
             let sub = &state.sub;
             state.held.retain(|n, _| sub.selects(n));
