@@ -106,6 +106,10 @@ pub enum SnapshotError {
     BadTransportSocket { listener: String, reason: String },
 }
 
+/// Encoded resources by name. A name is shared (not copied) by every snapshot and map
+/// that holds its resource.
+pub type ResourceMap = BTreeMap<Arc<str>, Resource>;
+
 /// One encoded resource; `hash` is its per-resource version. The encoding is shared by
 /// every snapshot that holds the resource.
 #[derive(Debug, Clone, PartialEq)]
@@ -131,7 +135,7 @@ pub struct TypeSnapshot {
     pub version: String,
     /// Shared (one allocation) between the groups whose resources of this type are the same
     /// mesh-wide set.
-    pub resources: Arc<BTreeMap<String, Resource>>,
+    pub resources: Arc<ResourceMap>,
 }
 
 impl TypeSnapshot {
@@ -146,7 +150,7 @@ impl TypeSnapshot {
 /// Whether two sets of encoded resources are the same. A resource's hash covers its whole
 /// encoding, its name included, so equal hashes stand for equal resources (a 64-bit hash:
 /// the chance that a change goes unnoticed is 2^-64), and no resource's bytes are read.
-fn same_resources(a: &BTreeMap<String, Resource>, b: &BTreeMap<String, Resource>) -> bool {
+fn same_resources(a: &ResourceMap, b: &ResourceMap) -> bool {
     a.len() == b.len()
         && a.values()
             .zip(b.values())
@@ -155,10 +159,7 @@ fn same_resources(a: &BTreeMap<String, Resource>, b: &BTreeMap<String, Resource>
 
 /// `next`, or `previous` when it has the same content, so that unchanged resources stay one
 /// allocation from model to model and comparing them is a pointer comparison.
-fn keep_if_same(
-    next: BTreeMap<String, Resource>,
-    previous: Option<&Arc<BTreeMap<String, Resource>>>,
-) -> Arc<BTreeMap<String, Resource>> {
+fn keep_if_same(next: ResourceMap, previous: Option<&Arc<ResourceMap>>) -> Arc<ResourceMap> {
     match previous {
         Some(p) if same_resources(p, &next) => p.clone(),
         _ => Arc::new(next),
@@ -171,8 +172,8 @@ impl TypeSnapshot {}
 /// assignment per service port), translated and encoded once and shared by every snapshot.
 #[derive(Debug, Default)]
 pub struct SharedMesh {
-    clusters: Arc<BTreeMap<String, Resource>>,
-    endpoints: Arc<BTreeMap<String, Resource>>,
+    clusters: Arc<ResourceMap>,
+    endpoints: Arc<ResourceMap>,
     cluster_names: BTreeSet<String>,
     /// Sidecars' outbound route configurations, encoded once per (namespace, port).
     outbound_routes: std::sync::Mutex<std::collections::HashMap<(String, u16), (String, Resource)>>,
@@ -242,11 +243,11 @@ fn encode<M: Message + Name>(
     kind: &'static str,
     items: &[M],
     name: impl Fn(&M) -> &str,
-) -> Result<BTreeMap<String, Resource>, SnapshotError> {
+) -> Result<ResourceMap, SnapshotError> {
     let mut out = BTreeMap::new();
     for item in items {
         let resource = Resource::new(to_any(item));
-        if out.insert(name(item).to_string(), resource).is_some() {
+        if out.insert(Arc::from(name(item)), resource).is_some() {
             return Err(SnapshotError::Duplicate {
                 kind,
                 name: name(item).to_string(),
@@ -271,8 +272,9 @@ fn check_consistent_with(
 ) -> Result<(), SnapshotError> {
     let mut routes: BTreeSet<&str> = resources.routes.iter().map(|r| r.name.as_str()).collect();
     routes.extend(shared_route);
-    let mut clusters: BTreeSet<&str> = resources.clusters.iter().map(|c| c.name.as_str()).collect();
-    clusters.extend(mesh_clusters.iter().map(String::as_str));
+    // The group's own clusters; the mesh's are looked up where they are, not copied.
+    let own_clusters: BTreeSet<&str> = resources.clusters.iter().map(|c| c.name.as_str()).collect();
+    let cluster_exists = |name: &str| own_clusters.contains(name) || mesh_clusters.contains(name);
     let secrets: BTreeSet<&str> = resources.secrets.iter().map(|s| s.name.as_str()).collect();
     let assignments: BTreeSet<&str> = resources
         .endpoints
@@ -343,7 +345,7 @@ fn check_consistent_with(
                     continue;
                 };
                 if let Some(ClusterSpecifier::Cluster(cluster)) = &action.cluster_specifier {
-                    if !clusters.contains(cluster.as_str()) {
+                    if !cluster_exists(cluster) {
                         return Err(SnapshotError::MissingCluster {
                             route: route.name.clone(),
                             cluster: cluster.clone(),
@@ -412,16 +414,19 @@ impl Snapshot {
             shared_routes.as_ref().map(|(n, _)| n.as_str()),
         )?;
         let merge = |kind: &'static str,
-                     shared: &Arc<BTreeMap<String, Resource>>,
-                     extra: BTreeMap<String, Resource>|
-         -> Result<Arc<BTreeMap<String, Resource>>, SnapshotError> {
+                     shared: &Arc<ResourceMap>,
+                     extra: ResourceMap|
+         -> Result<Arc<ResourceMap>, SnapshotError> {
             if extra.is_empty() {
                 return Ok(shared.clone());
             }
             let mut all = BTreeMap::clone(shared);
             for (name, r) in extra {
                 if all.insert(name.clone(), r).is_some() {
-                    return Err(SnapshotError::Duplicate { kind, name });
+                    return Err(SnapshotError::Duplicate {
+                        kind,
+                        name: name.to_string(),
+                    });
                 }
             }
             Ok(Arc::new(all))
@@ -443,7 +448,7 @@ impl Snapshot {
             {
                 let mut routes = encode("route configuration", &own.routes, |r| r.name.as_str())?;
                 if let Some((name, r)) = shared_routes {
-                    if routes.insert(name.clone(), r).is_some() {
+                    if routes.insert(Arc::from(name.as_str()), r).is_some() {
                         return Err(SnapshotError::Duplicate {
                             kind: "route configuration",
                             name,
@@ -458,7 +463,7 @@ impl Snapshot {
     }
 
     fn assemble(
-        encoded: [Arc<BTreeMap<String, Resource>>; ResourceType::COUNT],
+        encoded: [Arc<ResourceMap>; ResourceType::COUNT],
         previous: Option<&Snapshot>,
         version: u64,
     ) -> Snapshot {

@@ -11,7 +11,7 @@
 //! - a request with a stale nonce is not an ACK, but its subscription changes are honoured;
 //! - a NACK (`error_detail`) is recorded and the same content is not resent.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -20,7 +20,7 @@ use legate_proto::pb::envoy::service::discovery::v3::{
 };
 use legate_proto::pb::google::protobuf::Any;
 
-use crate::snapshot::{Resource, ResourceType, Snapshot, TypeSnapshot};
+use crate::snapshot::{ResourceMap, ResourceType, Snapshot, TypeSnapshot};
 use crate::xds::stream::{RequestOutcome, TypeStatus};
 
 /// The per-resource version string sent to proxies.
@@ -39,7 +39,7 @@ struct DeltaType {
     /// Names to answer even if unchanged (just subscribed, or a cluster to warm).
     resend: BTreeSet<String>,
     /// The snapshot resources `known` is known to equal the selection of.
-    synced: Option<Arc<BTreeMap<String, Resource>>>,
+    synced: Option<Arc<ResourceMap>>,
     /// The names the latest response of this type changed or added.
     last_changed: Vec<String>,
     /// The nonce of the un-ACKed response and when it was sent.
@@ -69,7 +69,7 @@ impl DeltaType {
         }
         let mut count = 0;
         for (name, r) in latest.resources.iter().filter(|(n, _)| self.selects(n)) {
-            if self.known.get(name.as_str()) != Some(&Some(r.hash)) {
+            if self.known.get(&**name) != Some(&Some(r.hash)) {
                 return false;
             }
             count += 1;
@@ -179,13 +179,13 @@ impl DeltaState {
         let mut resources = Vec::new();
         let mut known_selected = 0;
         for (name, r) in latest.resources.iter().filter(|(n, _)| state.selects(n)) {
-            let known = state.known.get(name.as_str());
+            let known = state.known.get(&**name);
             if known.is_some() {
                 known_selected += 1;
             }
-            if known != Some(&Some(r.hash)) || state.resend.contains(name) {
+            if known != Some(&Some(r.hash)) || state.resend.contains(&**name) {
                 resources.push(DeltaResource {
-                    name: name.clone(),
+                    name: name.to_string(),
                     version: resource_version(r.hash),
                     resource: Some(Any::clone(&r.any)),
                     ..Default::default()
@@ -196,7 +196,8 @@ impl DeltaState {
         // longer subscribes to).
         let mut removed = Vec::new();
         if known_selected != state.known.len() || !state.resend.is_empty() {
-            let gone = |n: &&String| !(state.selects(n) && latest.resources.contains_key(*n));
+            let gone =
+                |n: &&String| !(state.selects(n) && latest.resources.contains_key(n.as_str()));
             let set: BTreeSet<&String> = state
                 .known
                 .keys()
@@ -212,7 +213,7 @@ impl DeltaState {
         }
         state.last_changed.clear();
         for r in &resources {
-            let hash = latest.resources.get(&r.name).map(|x| x.hash);
+            let hash = latest.resources.get(r.name.as_str()).map(|x| x.hash);
             state.known.insert(r.name.clone(), hash);
             state.last_changed.push(r.name.clone());
         }

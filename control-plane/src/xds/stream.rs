@@ -11,7 +11,7 @@
 //! - LDS/CDS subscriptions are wildcard while the proxy sends empty `resource_names` from its
 //!   first request on; after an explicit subscription, an empty list unsubscribes from all.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,7 @@ use legate_proto::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discover
 use legate_proto::pb::google::protobuf::Any;
 use serde::Serialize;
 
-use crate::snapshot::{Resource, ResourceType, Snapshot, TypeSnapshot};
+use crate::snapshot::{Resource, ResourceMap, ResourceType, Snapshot, TypeSnapshot};
 
 /// What the proxy subscribed to for one type.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -35,8 +35,9 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    /// Applies the `resource_names` of a request; returns whether the subscription changed.
-    pub fn update(&mut self, t: ResourceType, names: &[String]) -> bool {
+    /// Applies the `resource_names` of a request. Returns `None` when the subscription did
+    /// not change, else the explicit names it gained.
+    pub fn update(&mut self, t: ResourceType, names: &[String]) -> Option<Vec<String>> {
         let first = !self.requested;
         self.requested = true;
         let before = (self.wildcard, self.legacy_wildcard);
@@ -45,18 +46,23 @@ impl Subscription {
             self.names.clear();
             self.legacy_wildcard = t.is_wildcard() && (first || self.legacy_wildcard);
             self.wildcard = self.legacy_wildcard;
-            return first || had_names || before != (self.wildcard, self.legacy_wildcard);
+            let changed = first || had_names || before != (self.wildcard, self.legacy_wildcard);
+            return changed.then(Vec::new);
         }
         self.legacy_wildcard = false;
         self.wildcard = names.iter().any(|n| n == "*");
         let explicit = names.iter().filter(|n| *n != "*");
         // Usually the same list again (an ACK): compare before rebuilding.
-        let same = explicit.clone().count() == self.names.len()
-            && explicit.clone().all(|n| self.names.contains(n));
+        let added: Vec<String> = explicit
+            .clone()
+            .filter(|n| !self.names.contains(*n))
+            .cloned()
+            .collect();
+        let same = added.is_empty() && explicit.clone().count() == self.names.len();
         if !same {
             self.names = explicit.cloned().collect();
         }
-        first || !same || before != (self.wildcard, self.legacy_wildcard)
+        (first || !same || before != (self.wildcard, self.legacy_wildcard)).then_some(added)
     }
 
     /// Whether the subscription selects the resource `name`.
@@ -73,7 +79,7 @@ impl Subscription {
             .resources
             .iter()
             .filter(|(name, _)| self.selects(name))
-            .map(|(name, r)| (name.as_str(), r))
+            .map(|(name, r)| (&**name, r))
     }
 }
 
@@ -103,25 +109,26 @@ pub enum RequestOutcome {
     UnknownType(String),
 }
 
-type Resources = Arc<BTreeMap<String, Resource>>;
+type Resources = Arc<ResourceMap>;
 
 /// One type's state on a stream.
 #[derive(Debug, Clone, Default)]
 struct TypeState {
     sub: Subscription,
     sent: Option<Sent>,
-    /// Name → per-resource hash of what the proxy holds of its subscription, as far as we
-    /// know (what was sent, whether or not it was ACKed: a NACKed version is not resent).
-    held: HashMap<String, u64>,
-    /// The snapshot resources `held` is known to equal the selection of: the fast path that
-    /// spares comparing every resource when nothing changed.
+    /// The snapshot resources of the latest response (or of the latest check that found
+    /// nothing to send): the proxy holds their selection by the subscription, as far as we
+    /// know (what was sent, whether or not it was ACKed: a NACKed version is not resent),
+    /// except the names in `force`. Sharing the snapshot's map costs a stream nothing per
+    /// resource, and an unchanged type is recognised by pointer.
     synced: Option<Resources>,
     /// Waiting for the ACK/NACK of `sent`.
     pending: bool,
     acked_version: Option<String>,
     nack: Option<String>,
-    /// Names to send even when unchanged (EDS after a CDS push: Envoy warms an updated
-    /// cluster only when a new ClusterLoadAssignment arrives for it).
+    /// Names to send even when unchanged: just subscribed to, or, for EDS after a CDS push,
+    /// assignments of changed clusters (Envoy warms an updated cluster only when a new
+    /// ClusterLoadAssignment arrives for it).
     force: BTreeSet<String>,
     /// The names whose content the latest response of this type changed or added.
     last_changed: Vec<String>,
@@ -134,20 +141,35 @@ impl TypeState {
             .is_some_and(|s| Arc::ptr_eq(s, &latest.resources))
     }
 
+    /// The hash of `name` as the proxy holds it, if it does.
+    fn held(&self, name: &str) -> Option<u64> {
+        if self.force.contains(name) {
+            return None;
+        }
+        self.synced.as_ref()?.get(name).map(|r| r.hash)
+    }
+
     /// Whether the proxy holds exactly the selection of `latest` (compared resource by
     /// resource, without allocating).
     fn holds(&self, latest: &TypeSnapshot) -> bool {
+        if !self.force.is_empty() {
+            return false;
+        }
         if self.is_synced_with(latest) {
             return true;
         }
-        let mut count = 0;
-        for (name, r) in self.sub.select(latest) {
-            if self.held.get(name) != Some(&r.hash) {
-                return false;
+        let Some(synced) = &self.synced else {
+            return false;
+        };
+        let held = synced.iter().filter(|(n, _)| self.sub.selects(n));
+        let mut latest = self.sub.select(latest);
+        for (name, r) in held {
+            match latest.next() {
+                Some((n, l)) if n == &**name && l.hash == r.hash => {}
+                _ => return false,
             }
-            count += 1;
         }
-        count == self.held.len()
+        latest.next().is_none()
     }
 }
 
@@ -214,12 +236,17 @@ impl StreamState {
             // A reconnecting proxy tells us what it already has.
             state.acked_version = Some(req.version_info.clone());
         }
-        if state.sub.update(t, &req.resource_names) {
-            // A proxy forgets what it unsubscribed from; it must be sent again if asked.
-            let sub = &state.sub;
-            state.held.retain(|n, _| sub.selects(n));
-            state.force.retain(|n| sub.selects(n));
-            state.synced = None;
+        if let Some(added) = state.sub.update(t, &req.resource_names) {
+            if t.is_wildcard() {
+                // The next LDS/CDS response is the whole state of the world again.
+                state.synced = None;
+            } else {
+                // A proxy forgets what it unsubscribed from: a name it (re)subscribes to is
+                // sent whatever it held before.
+                let sub = &state.sub;
+                state.force.retain(|n| sub.selects(n));
+                state.force.extend(added);
+            }
         }
         (Some(t), outcome)
     }
@@ -243,56 +270,37 @@ impl StreamState {
         if !first && state.force.is_empty() && state.is_synced_with(latest) {
             return None;
         }
-        let mut changed: Vec<(&str, &Resource)> = Vec::new();
-        let mut held_selected = 0;
-        for (name, r) in state.sub.select(latest) {
-            match state.held.get(name) {
-                Some(hash) => {
-                    held_selected += 1;
-                    if *hash != r.hash || state.force.contains(name) {
-                        changed.push((name, r));
-                    }
-                }
-                None => changed.push((name, r)),
-            }
-        }
-        // The proxy holds resources the snapshot no longer has.
-        let removed = held_selected != state.held.len();
-        if removed && !t.is_wildcard() {
-            // A partial response cannot remove them: they stay with the proxy until it
-            // unsubscribes. Forget them here so that they are sent again if they return.
-            let resources = &latest.resources;
-            state.held.retain(|n, _| resources.contains_key(n));
-        }
-        // A new version whose changes are all outside the proxy's subscription is still
-        // announced, in a response without resources (which changes nothing on the proxy's
-        // side for these types), so that the version it ACKs is the latest.
+        // What the proxy lacks: resources new or changed since `synced`, and forced names.
+        let changed: Vec<(&str, &Resource)> = state
+            .sub
+            .select(latest)
+            .filter(|(name, r)| state.held(name) != Some(r.hash))
+            .collect();
+        // A new version whose changes are all outside the proxy's subscription (or removals,
+        // which a partial response cannot express) is still announced, in a response without
+        // resources that changes nothing on the proxy's side, so that the version it ACKs is
+        // the latest.
         let new_version = state
             .sent
             .as_ref()
             .is_some_and(|s| s.version != latest.version);
-        let due = first || !changed.is_empty() || new_version || (removed && t.is_wildcard());
+        // LDS and CDS: a removal is a change of the state of the world.
+        let removed = t.is_wildcard() && !state.holds(latest) && changed.is_empty();
+        let due = first || !changed.is_empty() || new_version || removed;
         if !due {
             // Nothing new for the proxy; a NACKed version is never resent.
             state.synced = Some(latest.resources.clone());
+            state.force.clear();
             return None;
         }
         let resources = if t.is_wildcard() {
             // State of the world: everything selected, and the proxy drops the rest.
-            state.held = state
-                .sub
-                .select(latest)
-                .map(|(n, r)| (n.to_string(), r.hash))
-                .collect();
             state
                 .sub
                 .select(latest)
                 .map(|(_, r)| Any::clone(&r.any))
                 .collect()
         } else {
-            for (name, r) in &changed {
-                state.held.insert((*name).to_string(), r.hash);
-            }
             changed.iter().map(|(_, r)| Any::clone(&r.any)).collect()
         };
         state.last_changed = changed.iter().map(|(n, _)| (*n).to_string()).collect();
