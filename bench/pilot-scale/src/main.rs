@@ -52,6 +52,9 @@ struct Args {
     clients: usize,
     #[arg(long, default_value_t = 10)]
     changes: usize,
+    /// Services added one after the other, after the endpoint changes.
+    #[arg(long, default_value_t = 3)]
+    additions: usize,
     #[arg(long, default_value_t = 100)]
     debounce_ms: u64,
     /// Write legate-pilot's log here (it is discarded otherwise).
@@ -188,6 +191,8 @@ enum Event {
     FirstFull(Duration, usize),
     /// A client ACKs endpoints of this generation, at this time.
     Generation(usize, Instant),
+    /// A client has the endpoints of added service `k`, at this time.
+    Added(usize, Instant),
     Failed(usize, String),
 }
 
@@ -285,6 +290,15 @@ async fn run_client(i: usize, xds: &str, events: &mpsc::UnboundedSender<Event>) 
                     let Ok(cla) = ClusterLoadAssignment::decode(a.value.as_slice()) else {
                         continue;
                     };
+                    if let Some(k) = cla
+                        .cluster_name
+                        .strip_prefix("outbound|80||added-")
+                        .and_then(|r| r.split('.').next())
+                        .and_then(|k| k.parse::<usize>().ok())
+                    {
+                        events.send(Event::Added(k, Instant::now()))?;
+                        continue;
+                    }
                     if cla.cluster_name != WATCHED {
                         continue;
                     }
@@ -375,6 +389,45 @@ async fn pilot_convergence(admin: &str) -> Result<(u64, f64, String)> {
     Ok((count, mean, p99))
 }
 
+/// Waits until every client reported the event `matches` picks, and returns how long after
+/// `since` each did; bounded by 60 s.
+async fn every_client(
+    events: &mut mpsc::UnboundedReceiver<Event>,
+    clients: usize,
+    since: Instant,
+    matches: impl Fn(&Event) -> Option<Instant>,
+) -> Result<Vec<Duration>> {
+    let mut acked: Vec<Duration> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while acked.len() < clients {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(Event::Failed(i, e))) => bail!("client {i}: {e}"),
+            Ok(Some(event)) => {
+                if let Some(at) = matches(&event) {
+                    acked.push(at.saturating_duration_since(since));
+                }
+            }
+            Ok(None) | Err(_) => bail!(
+                "only {} of {} clients ACKed within 60 s",
+                acked.len(),
+                clients
+            ),
+        }
+    }
+    Ok(acked)
+}
+
+/// Service `added-k` and its endpoints, in one file.
+fn added_service(k: usize, endpoints: usize) -> String {
+    let mut out = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: added-{k}, namespace: default}}\nspec:\n  clusterIP: 10.97.0.{k}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: added-{k}-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: added-{k}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n"
+    );
+    for j in 0..endpoints {
+        out.push_str(&format!("- addresses: [10.201.{k}.{}]\n", j + 1));
+    }
+    out
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -422,7 +475,7 @@ async fn run(args: &Args, dir: &Path, manifests: &Path) -> Result<()> {
                 largest = largest.max(size);
             }
             Ok(Some(Event::Failed(i, e))) => bail!("client {i}: {e}"),
-            Ok(Some(Event::Generation(..))) => {}
+            Ok(Some(Event::Generation(..) | Event::Added(..))) => {}
             Ok(None) | Err(_) => bail!(
                 "only {} of {} clients got a full push within 300 s",
                 first.len(),
@@ -444,27 +497,37 @@ async fn run(args: &Args, dir: &Path, manifests: &Path) -> Result<()> {
             &manifests.join("svc-0.yaml"),
             &(service(0) + &slice(0, args.endpoints, g, args.clients)),
         )?;
-        let mut acked: Vec<Duration> = Vec::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        while acked.len() < args.clients {
-            match tokio::time::timeout_at(deadline, events.recv()).await {
-                Ok(Some(Event::Generation(gen, at))) if gen == g => {
-                    acked.push(at.saturating_duration_since(edited))
-                }
-                Ok(Some(Event::Failed(i, e))) => bail!("client {i}: {e}"),
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => bail!(
-                    "change {g}: only {} of {} clients ACKed within 60 s",
-                    acked.len(),
-                    args.clients
-                ),
-            }
-        }
+        let mut acked = every_client(&mut events, args.clients, edited, |e| match e {
+            Event::Generation(gen, at) if *gen == g => Some(*at),
+            _ => None,
+        })
+        .await
+        .with_context(|| format!("endpoint change {g}"))?;
         acked.sort();
         change_p50.push(percentile(&acked, 0.5));
         change_p99.push(percentile(&acked, 0.99));
         change_max.push(acked.last().copied().unwrap_or_default());
     }
+    // Services added: a CDS change every proxy gets (the whole state of the world of
+    // clusters), then the new cluster's assignment.
+    let mut added_p99 = Vec::new();
+    let mut added_max = Vec::new();
+    for k in 1..=args.additions {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let edited = Instant::now();
+        write(&manifests.join(format!("added-{k}.yaml")), &added_service(k, args.endpoints))?;
+        let mut acked = every_client(&mut events, args.clients, edited, |e| match e {
+            Event::Added(n, at) if *n == k => Some(*at),
+            _ => None,
+        })
+        .await
+        .with_context(|| format!("service addition {k}"))?;
+        acked.sort();
+        added_p99.push(percentile(&acked, 0.99));
+        added_max.push(acked.last().copied().unwrap_or_default());
+    }
+    added_p99.sort();
+    added_max.sort();
     let rss_end = rss_kb(pid);
     let (conv_count, conv_mean, conv_p99) = pilot_convergence(&pilot.admin).await?;
     // legate-pilot hands freed memory back once pushes have been quiet for 2 s.
@@ -499,6 +562,12 @@ async fn run(args: &Args, dir: &Path, manifests: &Path) -> Result<()> {
         ms(change_p99.last().copied().unwrap_or_default())
     );
     println!(
+        "  service added → every client has its endpoints ({} additions; median over them): p99 {:.0} ms, max {:.0} ms",
+        args.additions,
+        ms(percentile(&added_p99, 0.5)),
+        ms(percentile(&added_max, 0.5))
+    );
+    println!(
         "  the pilot's own convergence (change seen → proxy in sync, {conv_count} proxy convergences): mean {:.0} ms, p99 ≤ {conv_p99} s",
         conv_mean * 1000.0
     );
@@ -519,6 +588,9 @@ async fn run(args: &Args, dir: &Path, manifests: &Path) -> Result<()> {
             "change_p50_ms": change_p50.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
             "change_p99_ms": change_p99.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
             "change_max_ms": change_max.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
+            "additions": args.additions,
+            "added_p99_ms": added_p99.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
+            "added_max_ms": added_max.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
             "pilot_rss_kb_after_push": rss_after_push, "pilot_convergence_count": conv_count, "pilot_convergence_mean_ms": conv_mean * 1000.0,
             "pilot_convergence_p99_bucket_s": conv_p99,
             "pilot_rss_kb_end": rss_end, "pilot_rss_kb_rest": rss_rest,
