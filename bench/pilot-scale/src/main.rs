@@ -515,7 +515,10 @@ async fn run(args: &Args, dir: &Path, manifests: &Path) -> Result<()> {
     for k in 1..=args.additions {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let edited = Instant::now();
-        write(&manifests.join(format!("added-{k}.yaml")), &added_service(k, args.endpoints))?;
+        write(
+            &manifests.join(format!("added-{k}.yaml")),
+            &added_service(k, args.endpoints),
+        )?;
         let mut acked = every_client(&mut events, args.clients, edited, |e| match e {
             Event::Added(n, at) if *n == k => Some(*at),
             _ => None,
