@@ -168,10 +168,7 @@ fn real_main(mut registry: FilterRegistry) -> anyhow::Result<std::process::ExitC
         .concurrency
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(concurrency)
-        .enable_all()
-        .build()?;
+    let rt = runtime(concurrency)?;
     let opts = ServeOptions {
         drain_time: Duration::from_secs(args.drain_time_s),
         admin_address_path: args.admin_address_path.clone(),
@@ -194,4 +191,27 @@ fn real_main(mut registry: FilterRegistry) -> anyhow::Result<std::process::ExitC
         },
     };
     crate::hot_restart::serve(rt, bootstrap, opts)
+}
+
+/// The runtime the proxy serves on, with `workers` worker threads.
+///
+/// A proxy's tasks mostly hand data to one another: a stream's body to the upstream
+/// connection's task, and back. Woken tasks should wait their turn, so that a connection's
+/// task runs once for the frames of all the streams that were ready, and writes them with one
+/// system call: that halves the CPU per message of a busy gRPC stream. With one worker a
+/// current-thread runtime does that (its run queue is first in, first out). A multi-threaded
+/// runtime runs the task a task just woke next, on the same thread (its "LIFO slot"); that
+/// is turned off when tokio's unstable API is compiled in (`.cargo/config.toml` sets
+/// `--cfg tokio_unstable` for this workspace's builds).
+fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if workers == 1 {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+    }
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(workers).enable_all();
+    #[cfg(tokio_unstable)]
+    builder.disable_lifo_slot();
+    builder.build()
 }

@@ -80,6 +80,19 @@ impl Proxy {
         Self::launch(kind, kind.binary()?, config, dir, Wait::Ready, &[]).await
     }
 
+    /// Like [`start`](Self::start) with `workers` worker threads (`--concurrency`) instead
+    /// of one.
+    pub async fn start_with_workers(
+        kind: ProxyKind,
+        config: &Path,
+        dir: &Path,
+        workers: usize,
+    ) -> Result<Self> {
+        let workers = workers.to_string();
+        let args = ["--concurrency", workers.as_str()];
+        Self::launch(kind, kind.binary()?, config, dir, Wait::Ready, &args).await
+    }
+
     /// Like [`start`](Self::start) with another binary of the same kind (a `legate` built
     /// with extra filters).
     pub async fn start_binary(
@@ -151,10 +164,11 @@ impl Proxy {
             admin_file.display().to_string(),
             "-l".into(),
             "warning".into(),
-            "--concurrency".into(),
-            "1".into(),
             "--disable-hot-restart".into(),
         ];
+        if !extra_args.contains(&"--concurrency") {
+            args.extend(["--concurrency".into(), "1".into()]);
+        }
         args.extend(extra_args.iter().map(|a| a.to_string()));
         let mut guard = ProcessGuard::spawn(kind.name(), &bin, &args, dir)?;
         let deadline = Instant::now() + READY_TIMEOUT;

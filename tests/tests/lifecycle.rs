@@ -238,6 +238,37 @@ async fn admin_reports_stats_clusters_listeners_and_config() -> Result<()> {
     Ok(())
 }
 
+/// One worker runs Legate on a single-threaded runtime, several on a multi-threaded one; both
+/// serve the same. Here two workers, HTTP/1.1 and HTTP/2 clients at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_workers_serve_http1_and_http2_alike() -> Result<()> {
+    let up = Upstream::plain("a").await?;
+    let dir = TempDir::new("lifecycle-workers")?;
+    let path = dir.path().join("bootstrap.yaml");
+    std::fs::write(&path, bootstrap(up.addr.port(), ""))?;
+    let legate = Proxy::start_with_workers(ProxyKind::Legate, &path, dir.path(), 2).await?;
+    let addr = legate.listener("main")?;
+    let mut calls = Vec::new();
+    for i in 0..40 {
+        let transport = if i % 2 == 0 {
+            Transport::H1
+        } else {
+            Transport::H2c
+        };
+        calls.push(tokio::spawn(async move {
+            send(addr, &transport, &Request::get("example.com", "/")).await
+        }));
+    }
+    for call in calls {
+        let r = call.await??;
+        ensure!(r.status == 200, "{}", r.status);
+    }
+    let (_, info) = admin_get(legate.admin, "/server_info").await?;
+    let info: serde_json::Value = serde_json::from_str(&info)?;
+    ensure!(info["command_line_options"]["concurrency"] == 2, "{info}");
+    Ok(())
+}
+
 /// A WebSocket handshake and frames pass through untouched when the HCM enables upgrades.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_upgrade_is_passed_through() -> Result<()> {
