@@ -167,14 +167,7 @@ endpoints: [{addresses: [10.0.0.7]}]
     #[test]
     fn the_workload_is_found_by_the_proxy_ip() -> Result<(), crate::model::ManifestError> {
         let model = Model::build(parse_manifests(WORKLOAD)?);
-        let group = ProxyGroup {
-            role: Role::Sidecar,
-            ip: std::net::IpAddr::from([10, 0, 0, 5]),
-            namespace: "default".into(),
-            listener_port: 15001,
-            inbound_port: 15006,
-            https_port: 8443,
-        };
+        let group = crate::test_support::group(Role::Sidecar, [10, 0, 0, 5]);
         let inbound = translate(&model, &group, &TranslateOptions::default());
         let names: Vec<&str> = inbound.clusters.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(

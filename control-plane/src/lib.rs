@@ -23,3 +23,6 @@ pub mod source;
 pub mod tls;
 pub mod translate;
 pub mod xds;
+
+#[cfg(test)]
+mod test_support;

@@ -512,21 +512,13 @@ impl Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::{ProxyGroup, Role};
     use crate::model::{parse_manifests, Model};
+    use crate::test_support::sidecar;
     use crate::translate::{translate, TranslateOptions};
 
     fn resources(manifests: &str) -> Result<Resources, crate::model::ManifestError> {
         let model = Model::build(parse_manifests(manifests)?);
-        let group = ProxyGroup {
-            role: Role::Sidecar,
-            ip: std::net::IpAddr::from([127, 0, 0, 1]),
-            namespace: "default".into(),
-            listener_port: 15001,
-            inbound_port: 15006,
-            https_port: 8443,
-        };
-        Ok(translate(&model, &group, &TranslateOptions::default()))
+        Ok(translate(&model, &sidecar(), &TranslateOptions::default()))
     }
 
     const SVC: &str =

@@ -211,7 +211,7 @@ mod tests {
 
     #[test]
     fn the_example_mesh_translates_consistently() -> Result<(), Box<dyn std::error::Error>> {
-        use crate::identity::{ProxyGroup, Role};
+        use crate::identity::Role;
         use crate::snapshot::{ResourceType, Snapshot};
         use crate::translate::{translate, TranslateOptions};
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/mesh");
@@ -221,14 +221,7 @@ mod tests {
         let model = source.model();
         assert_eq!((model.services.len(), model.ingresses.len()), (1, 1));
         for role in [Role::Sidecar, Role::Router] {
-            let group = ProxyGroup {
-                role,
-                ip: std::net::IpAddr::from([127, 0, 0, 1]),
-                namespace: "default".into(),
-                listener_port: 15001,
-                inbound_port: 15006,
-                https_port: 8443,
-            };
+            let group = crate::test_support::group(role, [127, 0, 0, 1]);
             let snapshot = Snapshot::build(
                 &translate(&model, &group, &TranslateOptions::default()),
                 None,

@@ -474,6 +474,7 @@ fn outbound_routes(
 mod tests {
     use super::*;
     use crate::model::parse_manifests;
+    use crate::test_support::sidecar;
 
     const MESH: &str = r#"
 kind: Service
@@ -510,17 +511,6 @@ endpoints:
                 _ => s.address.clone(),
             },
             _ => String::new(),
-        }
-    }
-
-    fn sidecar() -> ProxyGroup {
-        ProxyGroup {
-            role: Role::Sidecar,
-            ip: IpAddr::from([127, 0, 0, 1]),
-            namespace: "default".into(),
-            listener_port: 15001,
-            inbound_port: 15006,
-            https_port: 8443,
         }
     }
 

@@ -417,6 +417,23 @@ async fn every_client(
     Ok(acked)
 }
 
+/// Writes `text` to `path` (after a pause that lets the previous change settle) and times,
+/// from the write, every client's report of it; sorted.
+async fn edit_and_time(
+    events: &mut mpsc::UnboundedReceiver<Event>,
+    clients: usize,
+    path: &Path,
+    text: &str,
+    matches: impl Fn(&Event) -> Option<Instant>,
+) -> Result<Vec<Duration>> {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let edited = Instant::now();
+    write(path, text)?;
+    let mut acked = every_client(events, clients, edited, matches).await?;
+    acked.sort();
+    Ok(acked)
+}
+
 /// Service `added-k` and its endpoints, in one file.
 fn added_service(k: usize, endpoints: usize) -> String {
     let mut out = format!(
@@ -491,19 +508,19 @@ async fn run(args: &Args, dir: &Path, manifests: &Path) -> Result<()> {
     let mut change_p99 = Vec::new();
     let mut change_max = Vec::new();
     for g in 1..=args.changes {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let edited = Instant::now();
-        write(
+        let text = service(0) + &slice(0, args.endpoints, g, args.clients);
+        let acked = edit_and_time(
+            &mut events,
+            args.clients,
             &manifests.join("svc-0.yaml"),
-            &(service(0) + &slice(0, args.endpoints, g, args.clients)),
-        )?;
-        let mut acked = every_client(&mut events, args.clients, edited, |e| match e {
-            Event::Generation(gen, at) if *gen == g => Some(*at),
-            _ => None,
-        })
+            &text,
+            |e| match e {
+                Event::Generation(gen, at) if *gen == g => Some(*at),
+                _ => None,
+            },
+        )
         .await
         .with_context(|| format!("endpoint change {g}"))?;
-        acked.sort();
         change_p50.push(percentile(&acked, 0.5));
         change_p99.push(percentile(&acked, 0.99));
         change_max.push(acked.last().copied().unwrap_or_default());
@@ -513,19 +530,19 @@ async fn run(args: &Args, dir: &Path, manifests: &Path) -> Result<()> {
     let mut added_p99 = Vec::new();
     let mut added_max = Vec::new();
     for k in 1..=args.additions {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let edited = Instant::now();
-        write(
-            &manifests.join(format!("added-{k}.yaml")),
+        let path = manifests.join(format!("added-{k}.yaml"));
+        let acked = edit_and_time(
+            &mut events,
+            args.clients,
+            &path,
             &added_service(k, args.endpoints),
-        )?;
-        let mut acked = every_client(&mut events, args.clients, edited, |e| match e {
-            Event::Added(n, at) if *n == k => Some(*at),
-            _ => None,
-        })
+            |e| match e {
+                Event::Added(n, at) if *n == k => Some(*at),
+                _ => None,
+            },
+        )
         .await
         .with_context(|| format!("service addition {k}"))?;
-        acked.sort();
         added_p99.push(percentile(&acked, 0.99));
         added_max.push(acked.last().copied().unwrap_or_default());
     }

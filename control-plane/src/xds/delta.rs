@@ -272,9 +272,7 @@ impl DeltaState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::{ProxyGroup, Role};
-    use crate::model::{parse_manifests, Model};
-    use crate::translate::{translate, TranslateOptions};
+    use crate::test_support::sidecar_snapshot;
     use legate_proto::pb::google::rpc::Status;
 
     const CLUSTER: &str = "outbound|80||a.default.svc.cluster.local";
@@ -288,17 +286,7 @@ mod tests {
             .iter()
             .map(|s| format!("kind: Service\nmetadata: {{name: {s}}}\nspec: {{ports: [{{name: http, port: 80}}]}}\n"))
             .collect();
-        let group = ProxyGroup {
-            role: Role::Sidecar,
-            ip: std::net::IpAddr::from([127, 0, 0, 1]),
-            namespace: "default".into(),
-            listener_port: 15001,
-            inbound_port: 15006,
-            https_port: 8443,
-        };
-        let model = Model::build(parse_manifests(&text.join("---\n"))?);
-        let r = translate(&model, &group, &TranslateOptions::default());
-        Ok(Snapshot::build(&r, prev, version)?)
+        sidecar_snapshot(&text.join("---\n"), version, prev)
     }
 
     fn request(t: ResourceType, subscribe: &[&str], nonce: &str) -> DeltaDiscoveryRequest {

@@ -365,9 +365,7 @@ impl StreamState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::{ProxyGroup, Role};
-    use crate::model::{parse_manifests, Model};
-    use crate::translate::{translate, TranslateOptions};
+    use crate::test_support::sidecar_snapshot;
     use legate_proto::pb::google::rpc::Status;
     use prost::Message;
 
@@ -379,20 +377,7 @@ mod tests {
         let text = format!(
             "kind: Service\nmetadata: {{name: a}}\nspec: {{ports: [{{name: http, port: 80}}]}}\n---\nkind: EndpointSlice\nmetadata: {{name: a-1, labels: {{kubernetes.io/service-name: a}}}}\nports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: [{endpoint}]}}]\n"
         );
-        let group = ProxyGroup {
-            role: Role::Sidecar,
-            ip: std::net::IpAddr::from([127, 0, 0, 1]),
-            namespace: "default".into(),
-            listener_port: 15001,
-            inbound_port: 15006,
-            https_port: 8443,
-        };
-        let r = translate(
-            &Model::build(parse_manifests(&text)?),
-            &group,
-            &TranslateOptions::default(),
-        );
-        Ok(Snapshot::build(&r, prev, version)?)
+        sidecar_snapshot(&text, version, prev)
     }
 
     fn request(t: ResourceType, names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
@@ -560,20 +545,7 @@ mod tests {
                 "kind: Service\nmetadata: {{name: {name}}}\nspec: {{ports: [{{name: http, port: 80}}]}}\n---\nkind: EndpointSlice\nmetadata: {{name: {name}-1, labels: {{kubernetes.io/service-name: {name}}}}}\nports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: [{ip}]}}]\n---\n"
             ));
         }
-        let group = ProxyGroup {
-            role: Role::Sidecar,
-            ip: std::net::IpAddr::from([127, 0, 0, 1]),
-            namespace: "default".into(),
-            listener_port: 15001,
-            inbound_port: 15006,
-            https_port: 8443,
-        };
-        let r = translate(
-            &Model::build(parse_manifests(&text)?),
-            &group,
-            &TranslateOptions::default(),
-        );
-        Ok(Snapshot::build(&r, prev, version)?)
+        sidecar_snapshot(&text, version, prev)
     }
 
     #[test]
