@@ -297,50 +297,16 @@ async fn connection(
     let active = hcm.stats.cx_active.clone_handle();
     active.inc();
     let result = match &chain.tls {
+        // Boxed: a TLS session and its connection are several KB that a plaintext
+        // connection's task should not reserve.
         Some(tls) => {
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
-            let s = acceptor.accept(stream).await?;
-            let (_, session) = s.get_ref();
-            let sni = session.server_name().map(str::to_owned);
-            let h2 = session.alpn_protocol() == Some(b"h2");
-            let sans = session
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| PeerSans::from_der(c.as_ref()));
-            if let Some(sans) = &sans {
-                if !sans.matches(&tls.san_matchers) {
-                    active.dec();
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::PermissionDenied,
-                        "client certificate SAN mismatch",
-                    ));
-                }
-            } else if !tls.san_matchers.is_empty() {
-                active.dec();
-                return Ok(());
-            }
-            let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let info = ConnInfo {
+            let peer = Peer {
                 remote,
                 local,
-                tls: true,
-                sni,
-                peer_principals: sans.map(|s| s.principals()).unwrap_or_default(),
-                framing_conflict: flag.clone(),
-                draining: Default::default(),
-                saw_h2: Default::default(),
                 hcm,
                 runtime,
             };
-            let codec = if h2 { Codec::Http2 } else { info.hcm.codec };
-            serve_http(
-                crate::sniff::Sniffed::new(s, flag),
-                Arc::new(info),
-                codec,
-                config.buffer_limit,
-                drain,
-            )
-            .await
+            Box::pin(serve_tls(stream, tls, peer, config.buffer_limit, drain)).await
         }
         None => {
             let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -363,6 +329,66 @@ async fn connection(
     };
     active.dec();
     result
+}
+
+/// Who a connection is from and to, and what serves it.
+struct Peer {
+    remote: SocketAddr,
+    local: SocketAddr,
+    hcm: Arc<HcmConfig>,
+    runtime: Arc<Runtime>,
+}
+
+/// Completes the TLS handshake, checks the client certificate's SANs, and serves HTTP over
+/// the session.
+async fn serve_tls(
+    stream: TcpStream,
+    tls: &DownstreamTls,
+    peer: Peer,
+    buffer_limit: Option<u32>,
+    drain: Drain,
+) -> std::io::Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
+    let s = acceptor.accept(stream).await?;
+    let (_, session) = s.get_ref();
+    let sni = session.server_name().map(str::to_owned);
+    let h2 = session.alpn_protocol() == Some(b"h2");
+    let sans = session
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| PeerSans::from_der(c.as_ref()));
+    match &sans {
+        Some(sans) if !sans.matches(&tls.san_matchers) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "client certificate SAN mismatch",
+            ));
+        }
+        None if !tls.san_matchers.is_empty() => return Ok(()),
+        _ => {}
+    }
+    let flag = Arc::new(AtomicBool::new(false));
+    let info = ConnInfo {
+        remote: peer.remote,
+        local: peer.local,
+        tls: true,
+        sni,
+        peer_principals: sans.map(|s| s.principals()).unwrap_or_default(),
+        framing_conflict: flag.clone(),
+        draining: Default::default(),
+        saw_h2: Default::default(),
+        hcm: peer.hcm,
+        runtime: peer.runtime,
+    };
+    let codec = if h2 { Codec::Http2 } else { info.hcm.codec };
+    serve_http(
+        crate::sniff::Sniffed::new(s, flag),
+        Arc::new(info),
+        codec,
+        buffer_limit,
+        drain,
+    )
+    .await
 }
 
 async fn serve_http<S>(

@@ -269,6 +269,41 @@ async fn several_workers_serve_http1_and_http2_alike() -> Result<()> {
     Ok(())
 }
 
+/// A connection whose TLS handshake fails is no longer counted as active.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_tls_handshakes_leave_no_active_connection() -> Result<()> {
+    let up = Upstream::plain("a").await?;
+    let dir = TempDir::new("lifecycle-tls-fail")?;
+    legate_tests::certs::TestPki::generate(dir.path())?;
+    // The one listener of `bootstrap`, with TLS.
+    let tls = format!(
+        "    - transport_socket:\n        name: envoy.transport_sockets.tls\n        typed_config:\n          '@type': type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext\n          common_tls_context:\n            tls_certificates:\n            - certificate_chain: {{filename: {0}/server.pem}}\n              private_key: {{filename: {0}/server.key}}\n      filters:",
+        dir.path().display()
+    );
+    let yaml = bootstrap(up.addr.port(), "").replacen("    - filters:", &tls, 1);
+    let legate = start_legate(&dir, &yaml).await?;
+    let addr = legate.listener("main")?;
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(addr).await?;
+        // Not a ClientHello: the handshake fails and Legate closes the connection.
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await?;
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut sink)).await;
+    }
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (_, stats) = admin_get(legate.admin, "/stats").await?;
+        let total = stats.contains("http.ingress.downstream_cx_total: 3");
+        if total && stats.contains("http.ingress.downstream_cx_active: 0") {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("connections still counted as active:\n{stats}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A WebSocket handshake and frames pass through untouched when the HCM enables upgrades.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_upgrade_is_passed_through() -> Result<()> {
