@@ -20,6 +20,13 @@ const CONVERGENCE_BOUNDS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// The buckets of convergence times, the one histogram so far.
+impl Default for Histogram {
+    fn default() -> Self {
+        Self::new(CONVERGENCE_BOUNDS)
+    }
+}
+
 impl Histogram {
     pub fn new(bounds: &'static [f64]) -> Self {
         Self {
@@ -65,7 +72,7 @@ impl Histogram {
 }
 
 /// The control plane's counters. Cheap to update from any task.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Metrics {
     /// Responses sent, per resource type (indexed by [`ResourceType::index`]).
     pub pushes: [AtomicU64; ResourceType::COUNT],
@@ -87,24 +94,6 @@ pub struct Metrics {
     pub snapshots_inconsistent: AtomicU64,
     /// From a change of the model being seen to a proxy it concerns being in sync with it.
     pub convergence: Histogram,
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self {
-            pushes: Default::default(),
-            acks: Default::default(),
-            nacks: Default::default(),
-            push_ack_micros: AtomicU64::new(0),
-            push_ack_count: AtomicU64::new(0),
-            streams_total: AtomicU64::new(0),
-            model_updates: AtomicU64::new(0),
-            config_errors: AtomicU64::new(0),
-            snapshots_published: AtomicU64::new(0),
-            snapshots_inconsistent: AtomicU64::new(0),
-            convergence: Histogram::new(CONVERGENCE_BOUNDS),
-        }
-    }
 }
 
 impl Metrics {

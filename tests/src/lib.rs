@@ -7,12 +7,14 @@
 //! corpus under `tests/scenarios/` against both proxies and compares what a user would see.
 //! [`xds`] is a scriptable ADS server that records what an xDS client asks for and ACKs;
 //! [`kube_api`] is a fake Kubernetes API server (list and watch) for `legate-pilot`'s source.
+//! [`mesh`] has what the pilot's tests share: a proxy's ADS bootstrap and which upstream answered.
 
 pub mod bins;
 pub mod certs;
 pub mod client;
 pub mod grpc;
 pub mod kube_api;
+pub mod mesh;
 pub mod process;
 pub mod proxy;
 pub mod raw;

@@ -209,6 +209,15 @@ async fn listeners(admin: SocketAddr) -> Result<std::collections::BTreeMap<Strin
     parse_listeners(&body)
 }
 
+/// The address of listener `main`.
+async fn main_listener(admin: SocketAddr) -> Result<SocketAddr> {
+    listeners(admin)
+        .await?
+        .get("main")
+        .copied()
+        .context("no listener main")
+}
+
 /// `restart_epoch` from `/server_info`.
 async fn epoch(admin: SocketAddr) -> Result<u64> {
     let (_, body) = admin_get(admin, "/server_info").await?;
@@ -258,11 +267,7 @@ async fn consecutive_hot_restarts_under_load_fail_no_request() -> Result<()> {
     let family = Family::new("hot-restart-load", 10, 20)?;
     let mut current = family.spawn(0, &yaml)?;
     let admin = current.serving().await?;
-    let main = listeners(admin)
-        .await?
-        .get("main")
-        .copied()
-        .context("main")?;
+    let main = main_listener(admin).await?;
     let load = Load::start(main, &Shape::default());
     let_load_run(&load, 200).await?;
 
@@ -480,11 +485,7 @@ async fn sighup_and_the_admin_restart_from_the_binary_on_disk_under_a_supervisor
     let mut root = family.spawn(0, &yaml)?;
     let root_pid = root.guard.id();
     let admin = root.serving().await?;
-    let main = listeners(admin)
-        .await?
-        .get("main")
-        .copied()
-        .context("main")?;
+    let main = main_listener(admin).await?;
     let load = Load::start(
         main,
         &Shape {
@@ -601,11 +602,7 @@ async fn as_pid_1_of_a_container_the_supervisor_keeps_the_container_alive() -> R
             .any(|l| l.starts_with("NSpid:") && l.trim_end().ends_with("\t1")),
         "legate is not PID 1 of its namespace:\n{status}"
     );
-    let main = listeners(admin)
-        .await?
-        .get("main")
-        .copied()
-        .context("main")?;
+    let main = main_listener(admin).await?;
     let load = Load::start(
         main,
         &Shape {

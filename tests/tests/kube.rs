@@ -16,11 +16,12 @@ use legate_control_plane::kube as source;
 use legate_control_plane::metrics::Metrics;
 use legate_control_plane::model::Model;
 use legate_tests::bins::{pilot_bin, workspace_root, ProxyKind};
-use legate_tests::client::{admin_get, send, Request, Transport};
+use legate_tests::client::admin_get;
 use legate_tests::kube_api::{FakeApiServer, Gone};
+use legate_tests::mesh::{self, answered_by};
 use legate_tests::process::{ProcessGuard, TempDir};
 use legate_tests::proxy::{parse_listeners, Proxy};
-use legate_tests::upstream::{Echo, Upstream};
+use legate_tests::upstream::Upstream;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
@@ -402,58 +403,16 @@ async fn pilot_is_ready_only_once_every_kind_is_listed() -> Result<()> {
 }
 
 fn bootstrap(xds: SocketAddr) -> String {
-    format!(
-        r#"
-node:
-  id: sidecar~127.0.0.1~app.default~default.svc.cluster.local
-  cluster: app.default
-  metadata: {{LEGATE_OUTBOUND_PORT: "0", LEGATE_INBOUND_PORT: "0"}}
-admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}}}
-dynamic_resources:
-  ads_config:
-    api_type: GRPC
-    transport_api_version: V3
-    grpc_services: [{{envoy_grpc: {{cluster_name: xds-grpc}}}}]
-  cds_config: {{ads: {{}}, resource_api_version: V3}}
-  lds_config: {{ads: {{}}, resource_api_version: V3}}
-static_resources:
-  clusters:
-  - name: xds-grpc
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        '@type': type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: xds-grpc
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: {ip}, port_value: {port}}}}}}}
-"#,
-        ip = xds.ip(),
-        port = xds.port(),
+    mesh::ads_bootstrap(
+        xds,
+        "GRPC",
+        "sidecar~127.0.0.1~app.default~default.svc.cluster.local",
+        r#"LEGATE_OUTBOUND_PORT: "0", LEGATE_INBOUND_PORT: "0""#,
     )
 }
 
-/// Which upstream answered a request for `host` through `proxy`, if one did.
-async fn answered_by(proxy: SocketAddr, host: &str) -> Result<Option<String>> {
-    let response = send(proxy, &Transport::H1, &Request::get(host, "/hello")).await?;
-    if response.status != 200 {
-        return Ok(None);
-    }
-    let echo: Echo = serde_json::from_slice(&response.body)?;
-    Ok(Some(echo.upstream))
-}
-
 async fn wait_for_upstream(proxy: SocketAddr, host: &str, want: &str) -> Result<()> {
-    eventually(&format!("{host} answered by {want}"), || async {
-        Ok(answered_by(proxy, host)
-            .await?
-            .filter(|u| u == want)
-            .map(|_| ()))
-    })
-    .await
+    mesh::wait_for_upstream(proxy, host, want, DEADLINE).await
 }
 
 /// `legate-pilot --kubeconfig` drives a real Envoy sidecar from the fake API server; an

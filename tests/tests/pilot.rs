@@ -17,6 +17,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use legate_tests::bins::{workspace_root, ProxyKind};
 use legate_tests::certs::{SharedPki, TestPki};
 use legate_tests::client::{admin_get, send, ClientCert, Request, Transport};
+use legate_tests::mesh::{self, answered_by};
 use legate_tests::process::{ProcessGuard, TempDir};
 use legate_tests::proxy::{parse_listeners, Proxy};
 use legate_tests::upstream::{Echo, Upstream};
@@ -191,59 +192,11 @@ fn bootstrap(xds: SocketAddr, api_type: &str) -> String {
 /// A bootstrap for node `id` with `metadata` (flow-style YAML fields), which sets the ports
 /// of the listeners the pilot gives it to 0 (ephemeral).
 fn bootstrap_for(xds: SocketAddr, api_type: &str, id: &str, metadata: &str) -> String {
-    format!(
-        r#"
-node:
-  id: {id}
-  cluster: app.default
-  metadata: {{{metadata}}}
-admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}}}
-dynamic_resources:
-  ads_config:
-    api_type: {api_type}
-    transport_api_version: V3
-    grpc_services: [{{envoy_grpc: {{cluster_name: xds-grpc}}}}]
-  cds_config: {{ads: {{}}, resource_api_version: V3}}
-  lds_config: {{ads: {{}}, resource_api_version: V3}}
-static_resources:
-  clusters:
-  - name: xds-grpc
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        '@type': type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: xds-grpc
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: {ip}, port_value: {port}}}}}}}
-"#,
-        ip = xds.ip(),
-        port = xds.port(),
-    )
-}
-
-/// Which upstream answered a request for `host` through `proxy`, if one did.
-async fn answered_by(proxy: SocketAddr, host: &str) -> Result<Option<String>> {
-    let response = send(proxy, &Transport::H1, &Request::get(host, "/hello")).await?;
-    if response.status != 200 {
-        return Ok(None);
-    }
-    let echo: Echo = serde_json::from_slice(&response.body)
-        .with_context(|| format!("echo body {:?}", String::from_utf8_lossy(&response.body)))?;
-    Ok(Some(echo.upstream))
+    mesh::ads_bootstrap(xds, api_type, id, metadata)
 }
 
 async fn wait_for_upstream(proxy: SocketAddr, host: &str, want: &str) -> Result<()> {
-    eventually(&format!("{host} answered by {want}"), || async {
-        Ok(answered_by(proxy, host)
-            .await?
-            .filter(|u| u == want)
-            .map(|_| ()))
-    })
-    .await
+    mesh::wait_for_upstream(proxy, host, want, DEADLINE).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

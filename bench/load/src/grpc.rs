@@ -147,13 +147,25 @@ pub enum Mode {
     Server,
 }
 
+/// `legate-load grpc`'s arguments.
+#[derive(clap::Args)]
 pub struct LoadArgs {
+    #[arg(long)]
     pub port: u16,
+    #[arg(long, value_enum, default_value = "unary")]
     pub mode: Mode,
+    #[arg(long, default_value_t = 10)]
     pub connections: usize,
+    /// concurrent streams (calls in flight), spread over the connections
+    #[arg(long, default_value_t = 100)]
     pub streams: usize,
+    #[arg(long, default_value_t = 10.0)]
     pub seconds: f64,
+    /// message payload bytes
+    #[arg(long, default_value_t = 64)]
     pub payload: usize,
+    /// messages per call in --mode server
+    #[arg(long, default_value_t = 100)]
     pub stream_count: usize,
 }
 

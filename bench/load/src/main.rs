@@ -35,25 +35,7 @@ enum Cmd {
         port: u16,
     },
     /// gRPC load on 127.0.0.1:PORT (HTTP/2 cleartext, prior knowledge)
-    Grpc {
-        #[arg(long)]
-        port: u16,
-        #[arg(long, value_enum, default_value = "unary")]
-        mode: grpc::Mode,
-        #[arg(long, default_value_t = 10)]
-        connections: usize,
-        /// concurrent streams (calls in flight), spread over the connections
-        #[arg(long, default_value_t = 100)]
-        streams: usize,
-        #[arg(long, default_value_t = 10.0)]
-        seconds: f64,
-        /// message payload bytes
-        #[arg(long, default_value_t = 64)]
-        payload: usize,
-        /// messages per call in --mode server
-        #[arg(long, default_value_t = 100)]
-        stream_count: usize,
-    },
+    Grpc(grpc::LoadArgs),
     /// Fixed-rate HTTP/1.1 GET / on 127.0.0.1:PORT, open loop
     Rate {
         #[arg(long)]
@@ -87,24 +69,7 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async move {
         match cli.cmd {
             Cmd::ServeGrpc { port } => grpc::serve(port).await,
-            Cmd::Grpc {
-                port,
-                mode,
-                connections,
-                streams,
-                seconds,
-                payload,
-                stream_count,
-            } => {
-                let args = grpc::LoadArgs {
-                    port,
-                    mode,
-                    connections,
-                    streams,
-                    seconds,
-                    payload,
-                    stream_count,
-                };
+            Cmd::Grpc(args) => {
                 println!("{}", grpc::load(args).await?);
                 Ok(())
             }
